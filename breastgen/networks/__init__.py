@@ -1,0 +1,3 @@
+"""Networks MONAI lacks (text encoder, GAN generators ...); MONAI's own are used directly from configs."""
+
+from . import text
