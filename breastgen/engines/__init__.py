@@ -1,3 +1,3 @@
 """Training/inference helpers on top of MONAI's Ignite engines."""
 
-from .checkpoints import ResumeFromLatest, latest_checkpoint, load_checkpoint, load_state
+from .checkpoints import ResumeFromLatest, TrainerProgress, latest_checkpoint, load_checkpoint, load_state

@@ -18,7 +18,7 @@ from monai.handlers import CheckpointLoader
 
 from ..errors import BreastGenError
 
-__all__ = ["latest_checkpoint", "ResumeFromLatest", "load_checkpoint", "load_state"]
+__all__ = ["latest_checkpoint", "TrainerProgress", "ResumeFromLatest", "load_checkpoint", "load_state"]
 logger = logging.getLogger(__name__)
 
 
@@ -31,6 +31,32 @@ def latest_checkpoint(ckpt_dir: str | Path, pattern: str = "*checkpoint*.pt") ->
     """The checkpoint in ``ckpt_dir`` with the highest epoch/iteration number in its name (newest on ties)."""
     files = [p for p in Path(ckpt_dir).glob(pattern) if p.is_file()] if Path(ckpt_dir).is_dir() else []
     return max(files, key=_order) if files else None
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+class TrainerProgress:
+    """The resumable part of an Ignite engine's state (epoch, iteration), for ``CheckpointSaver`` save dicts.
+
+    MONAI's trainers put their networks, optimizers and losses into ``engine.state_dict()``, which then pickles
+    whole objects that ``torch.load(weights_only=True)`` rightly refuses; this keeps the counters only.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def state_dict(self) -> dict:
+        s = self.engine.state
+        return {"epoch": int(s.epoch), "iteration": int(s.iteration), "epoch_length": s.epoch_length}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        s = self.engine.state
+        s.epoch, s.iteration = int(state["epoch"]), int(state["iteration"])
+        if state.get("epoch_length"):
+            s.epoch_length = int(state["epoch_length"])
 
 
 class ResumeFromLatest:
@@ -52,8 +78,8 @@ class ResumeFromLatest:
         try:
             CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location)(engine)
         except Exception as e:  # noqa: BLE001 - a half-written or foreign file is a user-facing problem
-            raise BreastGenError(f"cannot resume from checkpoint ({type(e).__name__}: {e}); delete it to start "
-                                 "afresh", path) from None
+            raise BreastGenError(f"cannot resume from checkpoint ({_short(e)}); delete it to start afresh",
+                                 path) from None
         logger.info("resumed from %s at epoch %d, iteration %d", path, engine.state.epoch, engine.state.iteration)
 
 
@@ -65,7 +91,7 @@ def load_state(path: str | Path, map_location: Any = "cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise BreastGenError(f"cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})", path) from None
+        raise BreastGenError(f"cannot read checkpoint ({_short(e)})", path) from None
 
 
 def load_checkpoint(path: str | Path, modules: Mapping[str, torch.nn.Module] | torch.nn.Module,

@@ -24,7 +24,7 @@ from ..io.dicom import write_synthetic_dicom
 from ..prompts import parse_prompt
 from ..schedulers import guided_sample, make_scheduler
 
-__all__ = ["LatentDiffusionPipeline", "DiffusionSampleLogger", "generate_images", "read_prompts"]
+__all__ = ["LatentDiffusionPipeline", "DiffusionSampleLogger", "check_request", "generate_images", "read_prompts"]
 logger = logging.getLogger(__name__)
 
 
@@ -122,16 +122,11 @@ def read_prompts(prompts: str | Sequence[str] | None = None, prompt_file: str | 
     return out
 
 
-def generate_images(pipeline: LatentDiffusionPipeline, prompts: Sequence[str], output_dir: str | Path,
-                    negative_prompt: str = "", num_samples: int = 1, guidance_scale: float = 4.0,
-                    num_inference_steps: int = 20, sampler: str = "dpm++2m", seed: int = 0, laterality: str = "L",
-                    batch_size: int = 4, formats: Sequence[str] = ("png", "tiff", "dcm"),
-                    prompt_vendors: Sequence[str] | None = None) -> list[dict]:
-    """Generate ``num_samples`` images per prompt and write PNG (8-bit), TIFF (16-bit) and synthetic DICOM.
-
-    Everything is validated before anything is written. Image ``k`` of the run uses seed ``seed + k``: the same
-    seed gives the identical image. Returns the manifest (also written to ``<output_dir>/generated.json``).
-    """
+def check_request(pipeline: LatentDiffusionPipeline, prompts: Sequence[str], negative_prompt: str = "",
+                  num_samples: int = 1, guidance_scale: float = 4.0, num_inference_steps: int = 20,
+                  sampler: str = "dpm++2m", laterality: str = "L", formats: Sequence[str] = ("png", "tiff", "dcm"),
+                  prompt_vendors: Sequence[str] | None = None) -> list[str]:
+    """Validate a generation request (prompts, guidance, steps, sampler ...) before any work; returns the prompts."""
     prompts = [check_prompt(p, pipeline.tokenizer, prompt_vendors) for p in prompts]
     if negative_prompt and hasattr(pipeline.tokenizer, "unknown_words") and pipeline.tokenizer.unknown_words(negative_prompt):
         logger.warning("negative prompt words outside the model's vocabulary are ignored: %s",
@@ -148,6 +143,21 @@ def generate_images(pipeline: LatentDiffusionPipeline, prompts: Sequence[str], o
     if bad:
         raise BreastGenError(f"unknown output format(s) {sorted(bad)}; allowed: 'png', 'tiff', 'dcm'")
     pipeline.scheduler(sampler)  # unknown sampler -> error before any work
+    return prompts
+
+
+def generate_images(pipeline: LatentDiffusionPipeline, prompts: Sequence[str], output_dir: str | Path,
+                    negative_prompt: str = "", num_samples: int = 1, guidance_scale: float = 4.0,
+                    num_inference_steps: int = 20, sampler: str = "dpm++2m", seed: int = 0, laterality: str = "L",
+                    batch_size: int = 4, formats: Sequence[str] = ("png", "tiff", "dcm"),
+                    prompt_vendors: Sequence[str] | None = None) -> list[dict]:
+    """Generate ``num_samples`` images per prompt and write PNG (8-bit), TIFF (16-bit) and synthetic DICOM.
+
+    Everything is validated before anything is written. Image ``k`` of the run uses seed ``seed + k``: the same
+    seed gives the identical image. Returns the manifest (also written to ``<output_dir>/generated.json``).
+    """
+    prompts = check_request(pipeline, prompts, negative_prompt, num_samples, guidance_scale, num_inference_steps,
+                            sampler, laterality, formats, prompt_vendors)
     laterality = str(laterality).upper()
     jobs = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(int(num_samples)))]
     out_dir = Path(output_dir)
