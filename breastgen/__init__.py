@@ -8,4 +8,4 @@ __version__ = "0.1.0"
 # `python -m monai.bundle run ...` with one line instead of a traceback
 install_excepthook()
 
-from . import data, io, prompts  # noqa: E402  (configs reach everything as breastgen.<module>.<name>)
+from . import data, engines, io, metrics, networks, prompts, schedulers  # noqa: E402  (configs reach everything as breastgen.<module>.<name>)

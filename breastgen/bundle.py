@@ -13,7 +13,8 @@ Conventions every bundle follows (the tests and ``make demo`` rely on them):
 
       "demo_stages": [{"name": "train", "configs": ["train.json"]}, {"name": "infer", "configs": ["inference.json"]}]
 
-  Each stage runs the listed configs with ``demo.json`` overlaid last. The demo writes
+  Each stage runs the listed configs with ``demo.json`` overlaid last (or where the stage lists it, so that a
+  stage-specific demo overlay can come after it). The demo writes
   ``<output_dir>/metrics.json`` and sample PNGs.
 """
 
@@ -126,7 +127,8 @@ def run_demo(bundle_dir: str | Path, data_dir: str | Path, output_dir: str | Pat
         if stages is not None and stage["name"] not in stages:
             continue
         t0 = time.perf_counter()
-        run_configs(root, [*stage["configs"], "demo.json"], overrides,
+        configs = list(stage["configs"]) if "demo.json" in stage["configs"] else [*stage["configs"], "demo.json"]
+        run_configs(root, configs, overrides,
                     workflow_type="infer" if stage["name"] != "train" and not stage["name"].startswith("train")
                     else "train")
         done.append({"stage": stage["name"], "seconds": round(time.perf_counter() - t0, 1)})

@@ -18,9 +18,9 @@ from monai.transforms import MapTransform, Randomizable
 from torch import nn
 
 from ..errors import BreastGenError
-from ..prompts import parse_prompt
+from ..prompts import build_prompt, parse_prompt
 
-__all__ = ["PromptDropoutd", "TokenizePromptd", "EncodeLatentd", "SampleLatentd", "LatentScaleFactor",
+__all__ = ["PromptDropoutd", "AttributeDropoutd", "TokenizePromptd", "EncodeLatentd", "SampleLatentd", "LatentScaleFactor",
            "check_prompt"]
 
 
@@ -53,6 +53,38 @@ class PromptDropoutd(Randomizable, MapTransform):
         if self._drop:
             for key in self.key_iterator(d):
                 d[key] = ""
+        return d
+
+
+class AttributeDropoutd(Randomizable, MapTransform):
+    """Leave out each attribute of a MAM-E prompt (vendor, view, density, area) with probability ``prob``, so
+    that the model also learns partial prompts such as 'a mammogram with small area'. Prompts outside the
+    grammar pass unchanged."""
+
+    def __init__(self, keys: KeysCollection = "prompt", prob: float = 0.2, vendors: Any = None,
+                 allow_missing_keys: bool = False):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if not 0.0 <= prob <= 1.0:
+            raise BreastGenError(f"attribute dropout probability must be in [0, 1], got {prob}")
+        self.prob, self.vendors = prob, vendors
+        self._keep = np.ones(4, dtype=bool)
+
+    def randomize(self, data: Any = None) -> None:
+        self._keep = self.R.random(4) >= self.prob
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        self.randomize()
+        kw = {} if self.vendors is None else {"vendors": self.vendors}
+        for key in self.key_iterator(d):
+            if not d[key]:
+                continue
+            try:
+                attrs = parse_prompt(d[key], **kw).as_dict()
+            except BreastGenError:
+                continue
+            kept = {k: (v if keep else None) for (k, v), keep in zip(attrs.items(), self._keep)}
+            d[key] = build_prompt(**kept, **kw)
         return d
 
 
