@@ -138,3 +138,20 @@ def test_torchscript_export_of_the_text_conditioned_unet(pipeline, tmp_path):
     loaded = torch.jit.load(str(path))
     with torch.no_grad():
         assert torch.allclose(loaded(x, t, ctx), net(x, timesteps=t, context=ctx), atol=1e-4)
+
+
+def test_multi_gpu_overlay_trains_with_torchrun_on_cpu(demo, demo_data, tmp_path):
+    """DDP overlay: two CPU processes (gloo) train one diffusion epoch from the demo autoencoder."""
+    import shutil
+
+    (tmp_path / "models").mkdir()
+    shutil.copy(demo / "models" / "autoencoder.pt", tmp_path / "models" / "autoencoder.pt")
+    files = [str(CONFIGS / f) for f in ("train.json", "train_diffusion.json", "demo.json", "demo_diffusion.json",
+                                        "multi_gpu_train_diffusion.json")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "monai.bundle", "run", "--config_file", str(files), "--bundle_root", str(BUNDLE),
+           "--data_dir", str(demo_data), "--output_dir", str(tmp_path), "--epochs", "1", "--val_interval", "1000"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = torch.load(tmp_path / "models" / "diffusion.pt", weights_only=True)
+    assert set(state) == {"network", "scale"} and float(state["scale"]["value"]) > 0
