@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 from torch import nn
 
@@ -22,6 +23,11 @@ from ..prompts import build_prompt, parse_prompt
 
 __all__ = ["PromptDropoutd", "AttributeDropoutd", "TokenizePromptd", "EncodeLatentd", "SampleLatentd", "LatentScaleFactor",
            "check_prompt"]
+
+
+def _plain(x: Any) -> torch.Tensor:
+    """A plain tensor: MONAI's MetaTensor adds per-op overhead that training on latents does not need."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
 
 
 def check_prompt(prompt: str, tokenizer: Any = None, vendors: Any = None) -> str:
@@ -120,7 +126,7 @@ class EncodeLatentd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            x = torch.as_tensor(d[key]).float()[None].to(self.device)
+            x = _plain(d[key]).float()[None].to(self.device)
             mu, sigma = self.autoencoder.encode(x)
             d[f"{key}_mu"], d[f"{key}_sigma"] = mu[0].cpu(), sigma[0].cpu()
         return d

@@ -115,6 +115,8 @@ class DiscriminatorTerm(_Warmup):
 
 
 def prepare_reconstruction_batch(batch: dict, device: Any = None, non_blocking: bool = False, **kwargs) -> tuple:
-    """``prepare_batch`` for autoencoders: the image is both input and target."""
-    x = batch["image"].to(device=device, non_blocking=non_blocking)
+    """``prepare_batch`` for autoencoders: the image is both input and target (as a plain tensor: MetaTensor
+    bookkeeping on every network op only costs time here)."""
+    x = batch["image"]
+    x = (x.as_tensor() if hasattr(x, "as_tensor") else x).to(device=device, non_blocking=non_blocking)
     return x, x

@@ -116,9 +116,12 @@ def evaluate_text2image(pipeline: Any, train: Sequence[dict], reference: Sequenc
                         diversity_scales: Sequence[float] = tuple(range(1, 15)), diversity_samples: int = 20,
                         diversity_prompt: str | None = None, fid_samples_per_item: int = 1,
                         classifier_epochs: int = 30, batch_size: int = 16, seed: int = 0,
+                        fidelity_attributes: Sequence[str] = ("area", "view", "density"),
                         inception_path: str | None = None) -> dict:
     """Run the whole evaluation; writes metrics.json, diversity.csv/png, fidelity.csv and sample grids.
 
+    ``fidelity_attributes`` chooses which single-attribute prompts are sampled (area and view are always
+    needed for the ordering / accuracy checks).
     ``train`` / ``reference``: preprocessed real items (dicts with ``image`` 1 x W x H in [0, 1], ``prompt``,
     ``view``, ``density``); the classifier learns from ``train``, FID compares against ``reference``.
     """
@@ -148,7 +151,12 @@ def evaluate_text2image(pipeline: Any, train: Sequence[dict], reference: Sequenc
         [p == density_word(e["density"]) for p, e in zip(rd, reference)]))
 
     rows, grids, s = [], [], seed + 100_000
+    unknown = set(fidelity_attributes) - {"area", "view", "density"}
+    if unknown:
+        raise BreastGenError(f"unknown fidelity attribute(s) {sorted(unknown)}; allowed: 'area', 'view', 'density'")
     for kind, words in (("area", AREAS), ("view", VIEWS), ("density", DENSITIES)):
+        if kind not in fidelity_attributes:
+            continue
         for word in words:
             prompt = build_prompt(**{kind: word})
             imgs = generate([prompt] * samples_per_prompt, s)
@@ -164,10 +172,13 @@ def evaluate_text2image(pipeline: Any, train: Sequence[dict], reference: Sequenc
             rows.append(row)
             metrics[f"mean_area_ratio[{prompt}]"] = row["mean_area_ratio"]
     area_rows = [r for r in rows if r["attribute"] == "area"]
-    metrics["area_ratio_small_medium_big"] = [r["mean_area_ratio"] for r in area_rows]
-    metrics["area_class_accuracy"] = float(np.mean([r["area_class_accuracy"] for r in area_rows]))
-    metrics["view_accuracy"] = float(np.mean([r["view_accuracy"] for r in rows if r["attribute"] == "view"]))
-    metrics["density_accuracy"] = float(np.mean([r["density_accuracy"] for r in rows if r["attribute"] == "density"]))
+    if area_rows:
+        metrics["area_ratio_small_medium_big"] = [r["mean_area_ratio"] for r in area_rows]
+        metrics["area_class_accuracy"] = float(np.mean([r["area_class_accuracy"] for r in area_rows]))
+    for kind in ("view", "density"):
+        accs = [r[f"{kind}_accuracy"] for r in rows if r["attribute"] == kind]
+        if accs:
+            metrics[f"{kind}_accuracy"] = float(np.mean(accs))
     with atomic_path(out / "fidelity.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
