@@ -167,7 +167,12 @@ def _value_range(img: np.ndarray, meta: Mapping, is_patch: bool) -> tuple[float,
     if is_patch and img.dtype.kind in "ui":
         bits = int(meta.get("BitsStored") or 8 * img.dtype.itemsize)
         return 0.0, float(2 ** bits - 1)
-    return tuple(ScaleIntensityMammo()._bounds(torch.as_tensor(img.astype(np.float32, copy=False)), meta))
+    from monai.data import MetaTensor
+
+    # the same percentile range patch extraction scales with (ScaleIntensityMammo records it in the meta data)
+    scaled = ScaleIntensityMammo()(MetaTensor(torch.as_tensor(img.astype(np.float32, copy=False))))
+    lo, hi = scaled.meta["intensity_range"]
+    return float(lo), float(hi)
 
 
 def infill_image(generator: nn.Module, image: np.ndarray, mask: np.ndarray, label: Any, *, meta: Mapping | None = None,
@@ -406,7 +411,7 @@ def synthesize_patches(generator: nn.Module, patch_datalist: str | os.PathLike, 
             e = normals[int(rng.integers(len(normals)))]
             x = _load_patch(e)
             breast = (load_image(e["breast"], modalities=None, allow_constant=True)[0] > 0) if e.get("breast") \
-                else x > 0.05
+                else np.ones(x.shape, bool)  # no breast mask: the whole patch is breast
             lesion = pool[int(rng.integers(len(pool)))]
             m = place_lesion_mask(lesion, breast, rng, zoom_range, min_on_breast=1.0)
             xs.append(x), ms.append(m.astype(np.float32)), ys.append(c), srcs.append(e)
@@ -474,7 +479,7 @@ def evaluate_cigan(generator: nn.Module, discriminator: nn.Module | None, patch_
     nx, nm = [], []
     for e in normals[: max(n_samples, 32)]:
         p = _load_patch(e)
-        breast = (_load_patch(e, "breast") > 0.5) if e.get("breast") else p > 0.05
+        breast = (_load_patch(e, "breast") > 0.5) if e.get("breast") else np.ones(p.shape, bool)
         try:
             nm.append(place_lesion_mask(pool[int(rng.integers(len(pool)))], breast, rng, min_on_breast=1.0))
             nx.append(p)

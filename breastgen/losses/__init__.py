@@ -1,0 +1,3 @@
+"""Loss functions not provided by MONAI."""
+
+from .pyramid import PyramidL1Loss, gaussian_pyramid
