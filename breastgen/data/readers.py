@@ -494,6 +494,15 @@ _DECODERS: dict[str, tuple[str, Callable[[Path, _Options], DecodedImage]]] = {
 
 
 # ----------------------------------------------------------------------------------------------------- readers
+def _swap_xy(a: np.ndarray, block: int = 256) -> np.ndarray:
+    """Contiguous copy with axes 0 and 1 swapped, in row blocks: about 2x faster than ``np.ascontiguousarray``
+    of a transposed full-field mammogram, whose column-wise reads miss the cache."""
+    out = np.empty((a.shape[1], a.shape[0], *a.shape[2:]), dtype=a.dtype)
+    for i in range(0, a.shape[0], block):
+        out[:, i:i + block] = np.swapaxes(a[i:i + block], 0, 1)
+    return out
+
+
 class _MammoReader(ImageReader):
     """Shared ``verify_suffix`` / ``read`` / ``get_data``; subclasses set ``suffixes`` and ``_kind``.
 
@@ -580,7 +589,7 @@ class _MammoReader(ImageReader):
         for im in ensure_tuple(img):
             if im.error is not None:
                 raise im.error
-            arr = np.ascontiguousarray(np.swapaxes(im.array, 0, 1)) if self.reverse_indexing else im.array
+            arr = _swap_xy(im.array) if self.reverse_indexing else im.array
             spacing = np.asarray(im.spacing_rc[::-1] if self.reverse_indexing else im.spacing_rc, dtype=np.float64)
             affine = np.diag([*spacing, 1.0])
             arrays.append(arr)

@@ -148,9 +148,9 @@ class ScaleIntensityMammo(Transform):
             return float(t.min()), float(t.max())
         flat = t.reshape(-1)
         step = max(1, flat.numel() // self.max_samples)  # a strided sample is plenty for percentiles
-        sample = flat[::step].double()
-        q = torch.quantile(sample, torch.tensor([self.lower / 100, self.upper / 100], dtype=torch.float64))
-        return float(q[0]), float(q[1])
+        sample = flat[::step].cpu().numpy()
+        lo, hi = np.percentile(sample, [self.lower, self.upper])  # partition-based: ~10x faster than torch.quantile
+        return float(lo), float(hi)
 
     def __call__(self, img: Any) -> torch.Tensor:
         meta = getattr(img, "meta", {}) or {}
