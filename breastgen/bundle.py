@@ -73,16 +73,26 @@ def check_bundle(bundle_dir: str | Path) -> list[str]:
         except BreastGenError as e:
             problems.append(str(e))
     for cfg in sorted(root.glob("configs/*.json")):
-        try:
-            parser = ConfigParser()
-            parser.read_config(str(cfg))
+        try:  # syntax of every file on its own (overlays only merge onto their base, checked below)
+            ConfigParser.load_config_file(str(cfg))
         except Exception as e:  # noqa: BLE001 - reported, not raised
             problems.append(f"{cfg.name} does not parse: {e}")
-            continue
-        if cfg.name not in ("metadata.json", "demo.json") and not cfg.name.startswith("multi_gpu"):
+    if (root / "configs/demo.json").is_file() and not problems:
+        try:
+            stages = demo_stages(root)
+        except BreastGenError as e:
+            return [*problems, str(e)]
+        for stage in stages:
+            files = list(stage["configs"]) if "demo.json" in stage["configs"] else [*stage["configs"], "demo.json"]
+            try:
+                parser = ConfigParser()
+                parser.read_config([str(root / "configs" / f) for f in files])
+            except Exception as e:  # noqa: BLE001
+                problems.append(f"demo stage {stage.get('name')!r} ({' + '.join(files)}) does not merge: {e}")
+                continue
             missing = [k for k in ("bundle_root", "output_dir") if k not in parser.config]
-            if missing and "imports" in parser.config:
-                problems.append(f"{cfg.name} lacks {', '.join(missing)}")
+            if missing:
+                problems.append(f"demo stage {stage.get('name')!r} lacks {', '.join(missing)}")
     return problems
 
 
