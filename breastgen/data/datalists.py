@@ -15,15 +15,14 @@ from typing import Any
 from ..errors import BreastGenError
 from ..io.atomic import atomic_write_json
 
-__all__ = ["SECTIONS", "PATH_KEYS", "load_datalist", "write_datalist"]
+__all__ = ["SECTIONS", "PATH_KEYS", "read_datalist_json", "load_datalist", "write_datalist"]
 
 SECTIONS = ("training", "validation", "test")
 PATH_KEYS = ("image", "mask", "pair", "target", "label_image")
 
 
-def load_datalist(path: str | os.PathLike, section: str = "training", base_dir: str | os.PathLike | None = None,
-                  path_keys: tuple[str, ...] = PATH_KEYS, check_files: bool = True) -> list[dict[str, Any]]:
-    """Entries of one section with file paths made absolute; a missing file raises naming it and the datalist."""
+def read_datalist_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The datalist file as a dict of sections; a missing file or malformed JSON raises one line."""
     path = Path(path)
     if not path.is_file():
         raise BreastGenError("datalist not found", path)
@@ -31,8 +30,18 @@ def load_datalist(path: str | os.PathLike, section: str = "training", base_dir: 
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BreastGenError(f"not a valid JSON datalist ({e})", path) from None
-    if not isinstance(data, dict) or section not in data:
-        have = ", ".join(data) if isinstance(data, dict) else type(data).__name__
+    if not isinstance(data, dict):
+        raise BreastGenError("datalist must be a JSON object with sections training / validation / test", path)
+    return data
+
+
+def load_datalist(path: str | os.PathLike, section: str = "training", base_dir: str | os.PathLike | None = None,
+                  path_keys: tuple[str, ...] = PATH_KEYS, check_files: bool = True) -> list[dict[str, Any]]:
+    """Entries of one section with file paths made absolute; a missing file raises naming it and the datalist."""
+    path = Path(path)
+    data = read_datalist_json(path)
+    if section not in data:
+        have = ", ".join(data)
         raise BreastGenError(f"datalist has no section {section!r} (it has: {have})", path)
     entries = data[section]
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):

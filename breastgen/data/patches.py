@@ -49,7 +49,7 @@ from scipy import ndimage
 
 from ..errors import BreastGenError
 from ..io.atomic import atomic_write_json
-from .datalists import SECTIONS
+from .datalists import SECTIONS, read_datalist_json
 from .readers import load_image
 from .transforms import ScaleIntensityMammo, breast_mask
 
@@ -205,14 +205,7 @@ def cases_from_datalist(path: str | os.PathLike, sections: Sequence[str] = SECTI
     """Cases from a MONAI datalist: ``image``, ``label`` (normal / benign / malignant or a pathology) and, for
     lesions, ``mask`` (a binary image of the same size; several masks as a list). Paths relative to the datalist."""
     path = Path(path)
-    if not path.is_file():
-        raise BreastGenError("datalist not found", path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BreastGenError(f"not a valid JSON datalist ({e})", path) from None
-    if not isinstance(data, dict):
-        raise BreastGenError("datalist must be a JSON object with sections training / validation / test", path)
+    data = read_datalist_json(path)
     cases = []
     for section in sections:
         for i, entry in enumerate(data.get(section) or []):
