@@ -209,7 +209,7 @@ def bench_train(args, workdir: Path) -> dict:
             return [b / a for a, b in zip(src["bare"], src[kind])]
 
         res = {"label": SETTINGS[name]["label"], "iters": n_iter, "repeats": repeats, "prediction": bare.prediction,
-               "params_unet_m": n_params / 1e6, "params_text_m": n_text / 1e6, "load": loads, **snapshot()}
+               "params_unet_m": n_params / 1e6, "params_text_m": n_text / 1e6, **snapshot(), "loads": loads}
         for kind in keys:
             res[kind] = {"wall_ms": median(wall[kind]), "cpu_ms": median(cpu[kind])}
             if kind != "bare":
@@ -528,11 +528,18 @@ def render(results: dict, args, command: str) -> str:
          f"(torch default {env['default_threads']}); load average at start {fmt_load(env['load_start'])}, "
          f"at end {fmt_load(results.get('load_end', env['load_start']))}; whole run "
          f"{results.get('total_s', 0) / 60:.1f} min.", ""]
-    if max(env["load_start"][0], results.get("load_end", (0,))[0]) > 0.5 * env["cores"]:
-        L += [f"**The machine was shared** with other jobs during the run (load average above "
-              f"{0.5 * env['cores']:.0f} on {env['cores']} cores): absolute times are pessimistic and noisy; "
-              "ratios and fractions come from interleaved runs (each pair measured back to back) and are medians "
-              "over repeats.", ""]
+    loads = collect_loads(results)
+    L += [f"1-min load average during the measurements: {min(loads):.1f} - {max(loads):.1f} on {env['cores']} cores; "
+          f"this benchmark itself accounts for about {env['threads']} (its thread count; 2 in the 2-thread "
+          "variants).", ""]
+    if max(loads) > env["threads"] + 0.75:
+        L += ["**The machine was shared** with other jobs during the run: absolute times are pessimistic and "
+              "noisy; ratios and fractions come from interleaved runs and are medians over repeats.", ""]
+    else:
+        L += ["The machine was nearly free during this run (other jobs were running before it: in "
+              "an earlier `--quick` run at load average 2-7 every figure was noisier, and the 2-thread training "
+              "steps were 2-30x slower than 1-thread ones, because each OpenMP region waits for the descheduled "
+              "thread; on a shared machine use `--threads 1` / `OMP_NUM_THREADS=1`).", ""]
     if "train" in results:
         L += ["**Training step, bundle vs bare PyTorch.** Pre-made random latents + prompt tokens in a Python list "
               "(no data loading); the same network, optimizer, noise scheduler and batches. The bundle's "
@@ -554,7 +561,7 @@ def render(results: dict, args, command: str) -> str:
                      f"{r['bare']['wall_ms']:.1f} ({r['bare']['cpu_ms']:.1f}) | "
                      f"{r['bundle']['wall_ms']:.1f} ({r['bundle']['cpu_ms']:.1f}) | {rat('bundle')} | "
                      f"{rat('bundle_opt')} | {rat('bundle_meta')} | {r['iters']} x {r['repeats']} | "
-                     f"{min(r['load']):.1f}-{max(r['load']):.1f} |")
+                     f"{min(r.get('loads') or r['load'][:1]):.1f}-{max(r.get('loads') or r['load'][:1]):.1f} |")
         L += [""] + [f"* `{n}`: {SETTINGS[n]['label']}; configs {' + '.join(SETTINGS[n]['configs'])}"
                      + (f", overrides `{json.dumps(SETTINGS[n]['overrides'])}`" if SETTINGS[n]["overrides"] else "")
                      + f"; {r['prediction']} target. Per-repeat ratios (CPU time): "
@@ -653,6 +660,25 @@ def render(results: dict, args, command: str) -> str:
     return "\n".join(L)
 
 
+def collect_loads(obj: Any, key: str | None = None) -> list[float]:
+    """Every 1-min load average recorded in ``results`` ("load": value or (1, 5, 15)-min tuple; "loads": list)."""
+    out: list[float] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k in ("load", "load_start", "load_end") and isinstance(v, (int, float)):
+                out.append(float(v))
+            elif k in ("load", "load_start", "load_end") and isinstance(v, (list, tuple)) and v:
+                out.append(float(v[0]))
+            elif k == "loads" and isinstance(v, (list, tuple)):
+                out += [float(x) for x in v]
+            else:
+                out += collect_loads(v, k)
+    elif isinstance(obj, list):
+        for v in obj:
+            out += collect_loads(v, key)
+    return out
+
+
 def fmt_load(load: Sequence[float]) -> str:
     return " / ".join(f"{x:.1f}" for x in load)
 
@@ -686,6 +712,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--mm-size", type=int, default=2048)
     ap.add_argument("--results", type=Path, default=None, help="also write the raw results as JSON here")
     ap.add_argument("--write", type=Path, default=None, help="update the bench_ldm block of this markdown file")
+    ap.add_argument("--render-from", type=Path, default=None,
+                    help="re-render the doc block from a --results JSON of an earlier run (no measuring)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     q = args.quick
@@ -705,6 +733,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.memory_child is not None:
         memory_child(args.memory_child)
+        return
+    if args.render_from is not None:
+        if not args.render_from.is_file():
+            raise BreastGenError("results file not found", args.render_from)
+        saved = json.loads(args.render_from.read_text(encoding="utf-8"))
+        for k, v in saved.get("args", {}).items():
+            setattr(args, k, Path(v) if k == "demo_dir" else v)
+        block = render(saved, args, saved["command"])
+        print(block)
+        if args.write:
+            write_block(args.write, block)
         return
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     args.settings = [x.strip() for x in args.settings.split(",") if x.strip()]
@@ -752,7 +791,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.results:
             from breastgen.io import atomic_write_json
 
-            atomic_write_json(args.results, {**results, "command": command})
+            atomic_write_json(args.results, {**results, "command": command,
+                                             "args": {"mm_size": args.mm_size, "memory_steps": args.memory_steps,
+                                                      "demo_dir": str(args.demo_dir)}})
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
