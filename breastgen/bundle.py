@@ -30,7 +30,7 @@ from typing import Any
 
 from .errors import BreastGenError, main_guard
 
-__all__ = ["SCHEMA_PATH", "REQUIRED_FILES", "validate_metadata", "check_bundle", "demo_stages", "run_configs",
+__all__ = ["SCHEMA_PATH", "REQUIRED_FILES", "validate_metadata", "check_bundle", "demo_stages", "demo_requires", "run_configs",
            "run_demo"]
 
 SCHEMA_PATH = Path(__file__).parent / "resources" / "meta_schema_20240725.json"
@@ -104,6 +104,13 @@ def demo_stages(bundle_dir: str | Path) -> list[dict]:
     return stages
 
 
+def demo_requires(bundle_dir: str | Path) -> dict[str, str]:
+    """``demo.json``'s ``demo_requires``: config key -> name of a bundle whose demo output that key points to
+    (e.g. ``{"text2image_dir": "mammo_ldm_text2image"}``: the inpainting demo reuses the text-to-image models)."""
+    demo = Path(bundle_dir) / "configs" / "demo.json"
+    return dict(json.loads(demo.read_text(encoding="utf-8")).get("demo_requires") or {})
+
+
 def run_configs(bundle_dir: str | Path, configs: Sequence[str], overrides: dict[str, Any] | None = None,
                 workflow_type: str = "train") -> dict:
     """Run configs of a bundle in-process, like ``python -m monai.bundle run --config_file [...]``.
@@ -132,6 +139,11 @@ def run_demo(bundle_dir: str | Path, data_dir: str | Path, output_dir: str | Pat
     root = Path(bundle_dir).resolve()
     overrides = {"data_dir": str(Path(data_dir).resolve()), "output_dir": str(Path(output_dir).resolve()),
                  **(extra_overrides or {})}
+    for key, name in demo_requires(root).items():  # by default the sibling folder, as `make demo` lays them out
+        required = Path(overrides.get(key) or Path(output_dir).resolve().parent / name)
+        if not (required / "metrics.json").is_file():
+            raise BreastGenError(f"the {root.name} demo needs the {name} demo first (no metrics.json in {required})")
+        overrides[key] = str(required)
     done = []
     for stage in demo_stages(root):
         if stages is not None and stage["name"] not in stages:

@@ -20,6 +20,7 @@ from .errors import BreastGenError
 __all__ = [
     "VIEWS", "DENSITIES", "AREAS", "DEFAULT_VENDORS", "BIRADS_TO_DENSITY", "AREA_THRESHOLDS",
     "PromptAttributes", "build_prompt", "parse_prompt", "density_word", "area_class", "vendor_word",
+    "PATHOLOGIES", "LESION_TYPES", "NORMAL_PROMPT", "build_lesion_prompt", "parse_lesion_prompt",
 ]
 
 VIEWS = ("CC", "MLO")
@@ -150,3 +151,44 @@ def parse_prompt(prompt: str, vendors: Iterable[str] = DEFAULT_VENDORS) -> Promp
                 raise _allowed(kind, allowed, value)
             found[kind] = value
     return PromptAttributes(vendor=vendor, view=view, density=found.get("density"), area=found.get("area"))
+
+
+# ------------------------------------------------------------------------------------ lesion inpainting
+# MAM-E's inpainting prompt is always "a mammogram with a lesion"; the attributes are its proposed extension.
+PATHOLOGIES = ("benign", "malignant")
+LESION_TYPES = ("lesion", "mass", "calcification")
+NORMAL_PROMPT = "a mammogram"  # a fill of normal tissue (random masks on lesion-free images)
+_LESION_RE = re.compile(r"^a mammogram(?: with an? (?P<words>.+))?$")
+
+
+def build_lesion_prompt(pathology: object = None, lesion_type: object = "lesion") -> str:
+    """``"a mammogram with a [benign|malignant] {lesion|mass|calcification}"``; ``lesion_type=None`` gives the
+    normal-tissue prompt ``"a mammogram"``. A datalist label 'normal' / '' / None means no pathology word."""
+    if lesion_type is None:
+        return NORMAL_PROMPT
+    kind = str(lesion_type).strip().lower()
+    if kind not in LESION_TYPES:
+        raise _allowed("lesion type", LESION_TYPES, lesion_type)
+    path = None if pathology is None else str(pathology).strip().lower()
+    if path in ("", "normal", "none", "unknown"):
+        path = None
+    if path is not None and path not in PATHOLOGIES:
+        raise _allowed("pathology", PATHOLOGIES, pathology)
+    return f"a mammogram with a {path + ' ' if path else ''}{kind}"
+
+
+def parse_lesion_prompt(prompt: str) -> dict:
+    """Parse an inpainting prompt -> ``{"lesion_type": ..., "pathology": ...}`` (both None for the normal prompt)."""
+    text = " ".join(str(prompt).strip().lower().rstrip(".").split())
+    m = _LESION_RE.match(text)
+    words = m.group("words").split() if m and m.group("words") else []
+    if m is None or len(words) > 2:
+        raise BreastGenError(f"cannot parse inpainting prompt {prompt!r}; expected '{NORMAL_PROMPT}' or 'a mammogram "
+                             f"with a [{'|'.join(PATHOLOGIES)}] {{{'|'.join(LESION_TYPES)}}}'")
+    if not words:
+        return {"lesion_type": None, "pathology": None}
+    if words[-1] not in LESION_TYPES:
+        raise _allowed("lesion type", LESION_TYPES, words[-1])
+    if len(words) == 2 and words[0] not in PATHOLOGIES:
+        raise _allowed("pathology", PATHOLOGIES, words[0])
+    return {"lesion_type": words[-1], "pathology": words[0] if len(words) == 2 else None}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from breastgen.bundle import run_demo
+from breastgen.bundle import demo_requires, run_demo
 from breastgen.data.datalists import load_datalist
 from breastgen.data.readers import load_image
 from breastgen.errors import BreastGenError, find_breastgen_error, main_guard
@@ -109,7 +109,8 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), "--out", str(args.data)], check=True)
     gallery = phantom_gallery(args.data, args.out / "phantoms")
     results: dict[str, dict] = {}
-    for bundle in sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "demo.json").is_file()):
+    bundles = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "demo.json").is_file())
+    for bundle in sorted(bundles, key=lambda b: (bool(demo_requires(b)), b.name)):  # required demos first
         if args.bundles and bundle.name not in args.bundles:
             continue
         print(f"[demo] {bundle.name} ...", flush=True)

@@ -36,7 +36,7 @@ def bundle_demo(demo_data, tmp_path_factory):
 
     With ``BREASTGEN_DEMO_OUT`` set to the output folder of an earlier demo run (``make demo`` writes
     ``demo_out/<bundle>``), bundles found there are not trained again."""
-    from breastgen.bundle import run_demo
+    from breastgen.bundle import demo_requires, run_demo
 
     reuse = os.environ.get("BREASTGEN_DEMO_OUT")  # e.g. demo_out/ of an earlier `make demo` with the same code
 
@@ -46,8 +46,9 @@ def bundle_demo(demo_data, tmp_path_factory):
         if done is not None and (done / "metrics.json").is_file():
             _demo_runs.setdefault(key, done)
         if key not in _demo_runs:
+            needed = {k: str(run(ROOT / "bundles" / name)) for k, name in demo_requires(bundle_dir).items()}
             out = tmp_path_factory.mktemp(Path(bundle_dir).name)
-            run_demo(bundle_dir, demo_data, out)
+            run_demo(bundle_dir, demo_data, out, extra_overrides=needed)
             _demo_runs[key] = out
         return _demo_runs[key]
 

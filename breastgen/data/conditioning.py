@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import BreastGenError
 from ..prompts import build_prompt, parse_prompt
 
-__all__ = ["PromptDropoutd", "AttributeDropoutd", "TokenizePromptd", "EncodeLatentd", "SampleLatentd", "LatentScaleFactor",
+__all__ = ["PromptDropoutd", "AttributeDropoutd", "TokenizePromptd", "EncodeLatentd", "SampleLatentd", "LatentScaleFactor", "scale_value",
            "check_prompt"]
 
 
@@ -164,6 +164,16 @@ class LatentScaleFactor(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.value
+
+
+def scale_value(scale: "LatentScaleFactor | float") -> float:
+    """The latent scale as a number; an unfitted :class:`LatentScaleFactor` (not restored from the checkpoint)
+    is an error."""
+    if isinstance(scale, LatentScaleFactor):
+        if not scale.fitted:
+            raise BreastGenError("the latent scale factor was not restored: the diffusion checkpoint lacks it")
+        return float(scale.value)
+    return float(scale)
 
 
 class SampleLatentd(Randomizable, MapTransform):

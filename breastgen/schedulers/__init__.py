@@ -20,11 +20,14 @@ from monai.networks.schedulers.ddpm import DDPMPredictionType
 from breastgen.errors import BreastGenError
 
 from .dpm_solver import DPMSolverMultistepScheduler
-from .sampling import guided_sample
+from .sampling import guided_sample, repaint_sample
 
-__all__ = ["SCHEDULERS", "ALIASES", "make_scheduler", "DPMSolverMultistepScheduler", "guided_sample"]
+__all__ = ["SCHEDULERS", "LDM_SCHEDULE", "ALIASES", "make_scheduler", "DPMSolverMultistepScheduler", "guided_sample", "repaint_sample"]
 
 SCHEDULERS = ("ddpm", "ddim", "dpm++2m")
+# the latent-diffusion training schedule (Stable Diffusion's): the default of every latent pipeline
+LDM_SCHEDULE = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.00085,
+                "beta_end": 0.012, "prediction_type": "epsilon"}
 ALIASES = {"dpmsolver++": "dpm++2m"}
 _CLASSES: dict[str, type[Scheduler]] = {
     "ddpm": DDPMScheduler,

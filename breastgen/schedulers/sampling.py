@@ -10,7 +10,7 @@ from monai.networks.schedulers import DDPMScheduler, Scheduler
 
 from breastgen.errors import BreastGenError
 
-__all__ = ["guided_sample"]
+__all__ = ["guided_sample", "repaint_sample"]
 
 
 def _to_batch(x: torch.Tensor | None, batch: int, name: str) -> torch.Tensor | None:
@@ -85,6 +85,21 @@ def guided_sample(
     Returns:
         The final sample, shaped like ``noise``.
     """
+    _check_request(scheduler, num_inference_steps, guidance_scale)
+    step_model = _GuidedStep(model, noise, guidance_scale, context, uncond_context, class_labels,
+                             uncond_class_labels, concat)
+    scheduler.set_timesteps(int(num_inference_steps), device=noise.device)
+    timesteps = scheduler.timesteps
+    with step_model:
+        x = noise
+        for i, t in enumerate(timesteps):
+            x, _ = scheduler.step(step_model(x, t), t, x, generator=generator)
+            if progress is not None:
+                progress(i, len(timesteps))
+    return x
+
+
+def _check_request(scheduler: Scheduler, num_inference_steps: int, guidance_scale: float) -> None:
     if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps:
         raise BreastGenError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
     if num_inference_steps < 1:
@@ -97,54 +112,125 @@ def guided_sample(
             f"DDPM sampling needs num_inference_steps == num_train_timesteps ({scheduler.num_train_timesteps}), "
             f"got {num_inference_steps}; use 'ddim' or 'dpm++2m' for fewer steps"
         )
-    batch = noise.shape[0]
-    has_uncond = uncond_context is not None or uncond_class_labels is not None
-    guided = guidance_scale != 1 and has_uncond
-    if guidance_scale != 1 and not has_uncond:
-        warnings.warn(
-            f"guidance_scale={guidance_scale} is ignored: no uncond_context or uncond_class_labels given", stacklevel=2
-        )
-    if guided:
-        cond_kwargs = {
-            "context": _pair(context, uncond_context, batch, "context"),
-            "class_labels": _pair(class_labels, uncond_class_labels, batch, "class_labels"),
-        }
-        extra = _to_batch(concat, batch, "concat")
-        extra = None if extra is None else extra.repeat(2, *([1] * (extra.ndim - 1)))
-    else:
-        cond_kwargs = {
-            "context": _to_batch(context, batch, "context"),
-            "class_labels": _to_batch(class_labels, batch, "class_labels"),
-        }
-        extra = _to_batch(concat, batch, "concat")
-    cond_kwargs = {k: v for k, v in cond_kwargs.items() if v is not None}
-    if extra is not None:
-        if extra.shape[2:] != noise.shape[2:]:
-            raise BreastGenError(
-                f"concat has spatial shape {tuple(extra.shape[2:])}, the noise has {tuple(noise.shape[2:])}"
-            )
-        extra = extra.to(noise)
 
+
+class _GuidedStep:
+    """One (guided) model evaluation per call: ``__call__(x, t)`` -> the combined model output. A context manager
+    that puts the model in eval mode and restores its previous mode."""
+
+    def __init__(self, model, noise, guidance_scale, context, uncond_context, class_labels, uncond_class_labels,
+                 concat):
+        batch = noise.shape[0]
+        has_uncond = uncond_context is not None or uncond_class_labels is not None
+        self.guided = guidance_scale != 1 and has_uncond
+        if guidance_scale != 1 and not has_uncond:
+            warnings.warn(
+                f"guidance_scale={guidance_scale} is ignored: no uncond_context or uncond_class_labels given",
+                stacklevel=3,
+            )
+        if self.guided:
+            kwargs = {
+                "context": _pair(context, uncond_context, batch, "context"),
+                "class_labels": _pair(class_labels, uncond_class_labels, batch, "class_labels"),
+            }
+            extra = _to_batch(concat, batch, "concat")
+            extra = None if extra is None else extra.repeat(2, *([1] * (extra.ndim - 1)))
+        else:
+            kwargs = {
+                "context": _to_batch(context, batch, "context"),
+                "class_labels": _to_batch(class_labels, batch, "class_labels"),
+            }
+            extra = _to_batch(concat, batch, "concat")
+        if extra is not None:
+            if extra.shape[2:] != noise.shape[2:]:
+                raise BreastGenError(
+                    f"concat has spatial shape {tuple(extra.shape[2:])}, the noise has {tuple(noise.shape[2:])}"
+                )
+            extra = extra.to(noise)
+        self.model, self.scale, self.extra = model, guidance_scale, extra
+        self.kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        self.was_training = None
+
+    def __enter__(self):
+        self.was_training = getattr(self.model, "training", None)
+        if self.was_training is not None:
+            self.model.eval()
+        return self
+
+    def __exit__(self, *exc):
+        if self.was_training is not None:
+            self.model.train(self.was_training)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        x_in = torch.cat([x, x]) if self.guided else x
+        if self.extra is not None:
+            x_in = torch.cat([x_in, self.extra], dim=1)
+        t_batch = torch.full((x_in.shape[0],), int(t), device=x.device, dtype=torch.long)
+        out = self.model(x_in, timesteps=t_batch, **self.kwargs)
+        if self.guided:
+            out_cond, out_uncond = out.chunk(2)
+            out = out_uncond + self.scale * (out_cond - out_uncond)
+        return out
+
+
+@torch.no_grad()
+def repaint_sample(
+    model: Callable[..., torch.Tensor],
+    noise: torch.Tensor,
+    scheduler: Scheduler,
+    num_inference_steps: int,
+    known: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    resample: int = 1,
+    context: torch.Tensor | None = None,
+    uncond_context: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """RePaint (Lugmayr et al. 2022) with an unconditional-inpainting-free model: after every step the known region
+    (``mask == 0``) is replaced by ``known`` noised to the new timestep, so only ``mask == 1`` is generated.
+
+    ``resample > 1`` repeats each step that many times, re-noising the merged sample back by one step in between
+    (jump length 1), which harmonises the generated region with its surroundings; it needs a single-step sampler
+    ("ddim" or "ddpm") -- a multistep solver's history does not survive going back in time.
+    """
+    if int(resample) < 1:
+        raise BreastGenError(f"resample must be >= 1, got {resample}")
+    if int(resample) > 1 and type(scheduler).__name__ not in ("DDIMScheduler", "DDPMScheduler"):
+        raise BreastGenError(f"RePaint resampling needs the 'ddim' or 'ddpm' sampler, not {type(scheduler).__name__}")
+    if known.shape != noise.shape:
+        raise BreastGenError(f"known latent shape {tuple(known.shape)} differs from the noise {tuple(noise.shape)}")
+    if mask.shape[0] not in (1, noise.shape[0]) or mask.shape[2:] != noise.shape[2:]:
+        raise BreastGenError(f"mask shape {tuple(mask.shape)} does not match the noise {tuple(noise.shape)}")
+    _check_request(scheduler, num_inference_steps, guidance_scale)
+    step_model = _GuidedStep(model, noise, guidance_scale, context, uncond_context, None, None, None)
     scheduler.set_timesteps(int(num_inference_steps), device=noise.device)
-    timesteps = scheduler.timesteps
-    was_training = getattr(model, "training", None)
-    if was_training is not None:
-        model.eval()
-    try:
+    timesteps = [int(t) for t in scheduler.timesteps]
+    m = mask.to(noise)
+    known = known.to(noise)
+    acp = scheduler.alphas_cumprod.to(noise.device)
+
+    def noised_known(t_prev: int) -> torch.Tensor:
+        if t_prev < 0:
+            return known
+        eps = torch.randn(known.shape, generator=generator, device=known.device, dtype=known.dtype)
+        return scheduler.add_noise(known, eps, torch.full((known.shape[0],), t_prev, device=known.device))
+
+    with step_model:
         x = noise
         for i, t in enumerate(timesteps):
-            x_in = torch.cat([x, x]) if guided else x
-            if extra is not None:
-                x_in = torch.cat([x_in, extra], dim=1)
-            t_batch = torch.full((x_in.shape[0],), int(t), device=noise.device, dtype=torch.long)
-            out = model(x_in, timesteps=t_batch, **cond_kwargs)
-            if guided:
-                out_cond, out_uncond = out.chunk(2)
-                out = out_uncond + guidance_scale * (out_cond - out_uncond)
-            x, _ = scheduler.step(out, t, x, generator=generator)
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            for r in range(int(resample)):
+                x_prev, _ = scheduler.step(step_model(x, t), t, x, generator=generator)
+                x_prev = m * x_prev + (1 - m) * noised_known(t_prev)
+                if r + 1 < int(resample) and t_prev >= 0:  # back from t_prev to t: q(x_t | x_t_prev)
+                    ratio = acp[t] / acp[t_prev]
+                    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                    x = ratio.sqrt() * x_prev + (1 - ratio).sqrt() * eps
+                else:
+                    x = x_prev
             if progress is not None:
                 progress(i, len(timesteps))
-    finally:
-        if was_training is not None:
-            model.train(was_training)
     return x
