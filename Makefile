@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 export PYTHONHASHSEED = 0
 
-.PHONY: venv demo demo-data test bench clean
+.PHONY: venv demo demo-data test test-gui gui chromium bench clean
 
 venv: $(STAMP)
 
@@ -27,8 +27,23 @@ demo-data: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/run_demo.py --data demo_data --out demo_out
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# the GUI browser test (tests/test_app.py) runs in `make test` too; both install Debian's chromium first
+test: $(STAMP) chromium
+	BREASTGEN_REQUIRE_BROWSER=1 $(PY) -m pytest -q
+
+test-gui: $(STAMP) chromium
+	BREASTGEN_REQUIRE_BROWSER=1 $(PY) -m pytest -q tests/test_app.py
+
+# web GUI on http://127.0.0.1:7860 with the demo checkpoints of `make demo`; more options: GUI_ARGS="--help"
+gui: $(STAMP)
+	$(PY) -m breastgen.app --bundle-dir bundles --demo-out demo_out --demo-data demo_data $(GUI_ARGS)
+
+# Debian's chromium for the browser test (Playwright's own browser download is not used), only when missing
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium (browser test of the GUI)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	@chromium --version 2>/dev/null | head -1
 
 bench: $(STAMP)
 	$(PY) scripts/bench_io.py
