@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BreastGenError, main_guard
+from .io import atomic_write_json
 
 __all__ = ["SCHEMA_PATH", "REQUIRED_FILES", "validate_metadata", "check_bundle", "demo_stages", "demo_requires", "run_configs",
            "run_demo"]
@@ -177,7 +178,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"ok: {len(args.bundles)} bundle(s) valid")
     else:
         out = args.out or f"demo_out/{Path(args.bundle).name}"
-        for row in run_demo(args.bundle, args.data, out):
+        rows = run_demo(args.bundle, args.data, out)
+        atomic_write_json(Path(out) / "demo_stages.json", rows)
+        for row in rows:
             print(f"{row['stage']}: {row['seconds']} s")
 
 

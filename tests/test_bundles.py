@@ -55,3 +55,38 @@ def test_harness_reports_broken_bundles(tmp_path):
     assert "inference.json does not parse" in problems
     with pytest.raises(BreastGenError, match="MONAI schema"):
         validate_metadata(broken / "configs" / "metadata.json")
+
+
+def test_run_demo_runs_required_demos_first_and_in_parallel(tmp_path, demo_data):
+    """scripts/run_demo.py's scheduler on stand-in bundles whose one stage writes its start/end times."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_demo", ROOT / "scripts" / "run_demo.py")
+    run_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_demo)
+    stage = {"imports": ["$import json", "$import pathlib", "$import time"], "bundle_root": ".", "data_dir": "",
+             "output_dir": "", "unused_dir": "",
+             "run": ["$pathlib.Path(@output_dir).mkdir(parents=True, exist_ok=True)",
+                     "$pathlib.Path(@output_dir, 'start').write_text(str(time.time()))",
+                     "$time.sleep(3)",
+                     "$pathlib.Path(@output_dir, 'metrics.json').write_text(json.dumps({'end': time.time()}))"]}
+    bundles = []
+    for name, requires in (("a", None), ("b", None), ("c_needs_a", "a"), ("d_broken", None), ("e_needs_d", "d_broken")):
+        b = tmp_path / "bundles" / name
+        shutil.copytree(FIXTURE, b)
+        (b / "configs" / "train.json").write_text(json.dumps(stage) if name != "d_broken" else "{ not json")
+        demo = {"demo_stages": [{"name": "train", "configs": ["train.json"]}]}
+        if requires:
+            demo["demo_requires"] = {"unused_dir": requires}
+        (b / "configs" / "demo.json").write_text(json.dumps(demo))
+        bundles.append(b)
+    out = tmp_path / "out"
+    results = run_demo.run_all(bundles, demo_data, out, jobs=2)
+    assert set(results) == {b.name for b in bundles}
+    times = {n: (float((out / n / "start").read_text()), json.loads((out / n / "metrics.json").read_text())["end"])
+             for n in ("a", "b", "c_needs_a")}
+    assert times["a"][0] < times["b"][1] and times["b"][0] < times["a"][1]  # a and b ran side by side
+    assert times["c_needs_a"][0] >= times["a"][1]  # c waited for a
+    assert "error" in results["d_broken"] and (out / "d_broken" / "demo.log").is_file()
+    assert results["e_needs_d"] == {"error": "needs the d_broken demo, which failed"}
+    assert not (out / "e_needs_d").exists()
