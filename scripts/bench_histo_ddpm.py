@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     from monai.bundle import ConfigParser
 
     from breastgen.bundle import run_configs
-    from breastgen.metrics import InceptionFeatures
+    from breastgen.metrics import InceptionFeatures, frechet_distance
 
     if args.tiles < 2:
         raise BreastGenError(f"--tiles must be >= 2 (FID needs two images), got {args.tiles}")
@@ -83,7 +83,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.update({"bundle_root": str(BUNDLE), "data_dir": str(args.data.resolve()),
                    "output_dir": str(model_dir.resolve()), "generate": ["classcond"],
                    "fid_sections": ["training", "validation", "test"]})
-    engine = parser.get_parsed_content("engine")
     pipe = parser.get_parsed_content("classcond_pipeline")
     guidance = float(parser.get_parsed_content("guidance_scale"))
     reference = parser.get_parsed_content("fid_reference")
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         wall, cpu = (time.perf_counter() - t0) / args.tiles, (time.process_time() - c0) / args.tiles
         feats = ext(tiles)
         rows.append({"sampler": sampler.upper(), "steps": steps, "wall": wall, "cpu": cpu,
-                     "fid": engine.fast_frechet_distance(feats, real_feats)})
+                     "fid": frechet_distance(feats, real_feats)})
         print(f"{sampler}-{steps}: {wall:.3f} s/tile wall, {cpu:.3f} s/tile CPU, FID {rows[-1]['fid']:.1f}")
     ddpm = rows[-1]
     lines = [

@@ -804,7 +804,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             results["flops"] = bench_flops(args, workdir)
             save()
         if parts & {"sample", "fid"}:
-            with num_threads(args.threads, blas=True):  # SciPy's sqrtm (FID) too
+            with num_threads(args.threads, blas=True):  # NumPy / SciPy BLAS (KID) too
                 sf = bench_sample_fid(args, workdir, parts)
             results["sample_fid"] = {"guidance": sf["guidance"]}
             results.update({k: sf[k] for k in ("sample", "fid") if k in sf})

@@ -10,7 +10,6 @@ import os
 import runpy
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +20,18 @@ from monai.data import MetaTensor
 from PIL import Image
 
 from breastgen.data.atypia import (ClassDropoutd, ClassLabeld, prepare_class_folders, prepare_mitos_atypia,
-                                   read_scores, split_groups)
-from breastgen.data.nuclei import (MaskClassAblationd, NucleiSegmenter, OneHotMaskd, class_index_mask, mask_agreement,
-                                   mask_dice, mask_iou, nucleus_areas, segment_nuclei)
+                                   read_scores, select_class, split_groups)
+from breastgen.data.nuclei import (MaskClassAblationd, NucleiSegmenter, OneHotMaskd, class_index_mask, load_masks,
+                                   mask_agreement, mask_dice, mask_files_from_datalist, mask_iou, mask_preview,
+                                   nucleus_areas, segment_nuclei)
 from breastgen.data.phantoms import make_he_tile
 from breastgen.engines.ema import EMA
+from breastgen.engines.histo_ddpm import generate_tiles
 from breastgen.errors import BreastGenError, find_breastgen_error
 from conftest import ROOT
 
 BUNDLE = ROOT / "bundles" / "histo_ddpm_atypia"
 CONFIGS = BUNDLE / "configs"
-ENGINE = types.SimpleNamespace(**runpy.run_path(str(BUNDLE / "scripts" / "histo_ddpm.py")))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -143,6 +143,36 @@ def test_class_labels_and_class_dropout():
     assert keep({"label": 1})["label"].item() == 1
 
 
+def test_masks_and_classes_picked_from_a_datalist(tmp_path):
+    m = np.zeros((24, 24), np.uint8)
+    m[4:12, 4:12] = 255
+    m1, m2 = _png(tmp_path / "m1.png", m), _png(tmp_path / "m2.png", m.T.copy())
+    entries = [{"image": "a.png", "mask": str(m1), "label": 0}, {"image": "b.png", "label": 1},
+               {"image": "c.png", "mask": str(m2), "label": 2}]
+    assert mask_files_from_datalist(entries) == ([str(m1), str(m2)], [0, 2])
+    assert mask_files_from_datalist(entries, 1) == ([str(m1)], [0])
+    with pytest.raises(BreastGenError, match="no entry with a 'mask'"):
+        mask_files_from_datalist(entries[1:2])
+    masks = load_masks([m1, m2], [0, 255], 12)
+    assert masks.shape == (2, 2, 12, 12) and torch.all(masks.sum(1) == 1) and masks[0, 1].sum() == 16
+    preview = mask_preview(masks[0])
+    assert preview.shape == (3, 12, 12) and set(preview.unique().tolist()) == {0.0, 1.0}
+    wide = _png(tmp_path / "wide.png", np.zeros((24, 32), np.uint8))
+    with pytest.raises(BreastGenError, match=r"wide.png: mask is 32 x 24 \(W x H\); the model makes square"):
+        load_masks([m1, wide], [0, 255], 12)
+    rgb = _png(tmp_path / "rgb.png", np.zeros((24, 24, 3), np.uint8))
+    with pytest.raises(BreastGenError, match="a mask has one grey channel"):
+        load_masks([rgb], [0, 255], 12)
+    # one model per class: its tiles only; all tiles (copies) for None
+    assert select_class(entries, 2, 3) == [entries[2]]
+    everything = select_class(entries, None, 3)
+    assert everything == entries and everything[0] is not entries[0]
+    with pytest.raises(BreastGenError, match="train_class must be null or an integer 0..2"):
+        select_class(entries, 3, 3)
+    with pytest.raises(BreastGenError, match="no training tile of class 1"):
+        select_class(entries[:1], 1, 3)
+
+
 # ------------------------------------------------------------------------------------------------ EMA
 def test_ema_average_swap_and_checkpoint_round_trip():
     net = torch.nn.Linear(2, 1, bias=False)
@@ -188,18 +218,6 @@ def test_classification_metrics_and_intervals():
     mean, half = C.t_interval([0.5, 0.6, 0.7])
     assert mean == pytest.approx(0.6) and half == pytest.approx(4.302653 * 0.1 / np.sqrt(3), rel=1e-5)
     assert np.isnan(C.t_interval([0.5])[1])
-
-
-def test_fast_frechet_distance_matches_the_matrix_square_root():
-    from breastgen.metrics import frechet_distance
-
-    rng = np.random.default_rng(0)
-    a = torch.from_numpy(rng.normal(0, 1, (20, 32)))
-    b = torch.from_numpy(rng.normal(0.3, 1.2, (14, 32)))
-    assert ENGINE.fast_frechet_distance(a, b) == pytest.approx(frechet_distance(a, b), rel=1e-6)
-    c = torch.from_numpy(rng.normal(0, 1, (80, 16)))  # more samples than dimensions too
-    d = torch.from_numpy(rng.normal(0, 2, (60, 16)))
-    assert ENGINE.fast_frechet_distance(c, d) == pytest.approx(frechet_distance(c, d), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ preparation
@@ -374,7 +392,7 @@ def test_same_seed_same_tile_and_guidance_changes_the_tile(parser):
 def test_bad_requests_are_refused_before_any_tile(parser, tmp_path, kwargs, needle):
     args = {"classes": [0], "num_samples": 1, "sampler": "ddim", "num_inference_steps": 5, **kwargs}
     with pytest.raises(BreastGenError, match=needle):
-        ENGINE.generate_tiles(tmp_path / "out", classcond=parser.get_parsed_content("classcond_pipeline"), **args)
+        generate_tiles(tmp_path / "out", classcond=parser.get_parsed_content("classcond_pipeline"), **args)
     assert not (tmp_path / "out").exists()
 
 

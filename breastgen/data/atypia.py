@@ -18,7 +18,7 @@ the previous output only when everything succeeded.
 
 Transforms for class-conditional models: :class:`CheckRGBd`, :class:`ClassLabeld` (validates 0-based labels) and
 :class:`ClassDropoutd` (classifier-free guidance: the label becomes the null class ``num_classes`` with
-probability ``prob``).
+probability ``prob``); :func:`select_class` keeps one class of a datalist (one model per class).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from .histology import check_rgb, tile_frame
 from .transforms import source_of
 
 __all__ = ["IMAGE_SUFFIXES", "FRAME_COLUMNS", "SCORE_COLUMNS", "CheckRGBd", "ClassLabeld", "ClassDropoutd",
-           "read_scores", "scan_class_folders", "prepare_mitos_atypia", "prepare_class_folders", "split_groups"]
+           "select_class", "read_scores", "scan_class_folders", "prepare_mitos_atypia", "prepare_class_folders",
+           "split_groups"]
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -112,6 +113,19 @@ class ClassDropoutd(Randomizable, MapTransform):
             label = _as_label(d[key], self.num_classes)
             d[key] = torch.tensor(self.num_classes if self._drop else label, dtype=torch.int64)
         return d
+
+
+def select_class(datalist: Sequence[Mapping], train_class: int | None, num_classes: int) -> list[dict]:
+    """The datalist entries of class ``train_class`` (copies of all entries for None): the one-model-per-class
+    setup. An invalid class or a class without any entry is a one-line error."""
+    if train_class is None:
+        return [dict(e) for e in datalist]
+    if isinstance(train_class, bool) or not isinstance(train_class, int) or not 0 <= train_class < num_classes:
+        raise BreastGenError(f"train_class must be null or an integer 0..{num_classes - 1}, got {train_class!r}")
+    out = [dict(e) for e in datalist if int(e.get("label", -1)) == train_class]
+    if not out:
+        raise BreastGenError(f"no training tile of class {train_class} in the datalist")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ inputs

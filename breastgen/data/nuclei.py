@@ -11,6 +11,8 @@
 * :func:`class_index_mask`, :class:`OneHotMaskd`, :class:`MaskClassAblationd`: a mask file with known class values
   (e.g. 0 = background, 255 = nucleus) -> one-hot channels for mask-guided diffusion, and the per-sample class
   ablation of segmentation-guided diffusion (ablated classes become background).
+* :func:`load_masks` (mask files -> one-hot batch), :func:`mask_files_from_datalist` (the masks of a datalist
+  section with their class labels), :func:`mask_preview` (one-hot -> grey RGB for display).
 
 Arrays follow MONAI's layout: images ``(3, W, H)``, masks ``(1, W, H)`` or ``(W, H)``; label images are ``(W, H)``.
 """
@@ -33,7 +35,8 @@ from ..errors import BreastGenError
 from .transforms import source_of
 
 __all__ = ["hematoxylin", "segment_nuclei", "NucleiSegmenter", "SegmentNucleid", "nucleus_areas", "mask_iou",
-           "mask_dice", "mask_agreement", "derangement", "class_index_mask", "OneHotMaskd", "MaskClassAblationd"]
+           "mask_dice", "mask_agreement", "derangement", "class_index_mask", "OneHotMaskd", "MaskClassAblationd",
+           "load_masks", "mask_files_from_datalist", "mask_preview"]
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -343,3 +346,39 @@ class MaskClassAblationd(Randomizable, MapTransform):
                 m[c] = 0
             d[key] = MetaTensor(m, meta=dict(d[key].meta)) if isinstance(d[key], MetaTensor) else m
         return d
+
+
+# ------------------------------------------------------------------------------------------------- mask files
+def load_masks(paths: Sequence[str | os.PathLike], values: Sequence[int], image_size: int) -> torch.Tensor:
+    """Mask files -> one-hot (N, len(values), S, S) (:class:`OneHotMaskd`, resized to ``image_size``). Unknown pixel
+    values, RGB or non-square masks and unreadable files are one-line errors naming the file."""
+    from .readers import load_image
+
+    onehot = OneHotMaskd("mask", values=values, spatial_size=image_size, ref_key=None)
+    out = []
+    for p in paths:
+        arr, _ = load_image(p, modalities=None, allow_constant=True)
+        if arr.ndim != 2:
+            raise BreastGenError(f"a mask has one grey channel, got shape {arr.shape} (W x H x C)", p)
+        if arr.shape[0] != arr.shape[1]:
+            raise BreastGenError(f"mask is {arr.shape[0]} x {arr.shape[1]} (W x H); the model makes square "
+                                 f"{image_size} x {image_size} tiles", p)
+        m = MetaTensor(torch.as_tensor(arr)[None], meta={"filename_or_obj": str(p)})
+        out.append(torch.as_tensor(onehot({"mask": m})["mask"]).as_subclass(torch.Tensor))
+    if not out:
+        raise BreastGenError("no mask given for mask-guided generation")
+    return torch.stack(out)
+
+
+def mask_files_from_datalist(entries: Sequence[Mapping], n: int | None = None) -> tuple[list[str], list[int | None]]:
+    """(mask paths, class labels) of the first ``n`` (all for None) datalist entries that have a ``mask``."""
+    picked = [e for e in entries if e.get("mask")][: None if n is None else int(n)]
+    if not picked:
+        raise BreastGenError("the datalist section has no entry with a 'mask'")
+    return [str(e["mask"]) for e in picked], [None if e.get("label") is None else int(e["label"]) for e in picked]
+
+
+def mask_preview(onehot: Any) -> torch.Tensor:
+    """One-hot (C, W, H) -> RGB (3, W, H) in [0, 1] for display: background black, class k grey level k / (C - 1)."""
+    idx = torch.as_tensor(onehot).argmax(0).float()
+    return (idx / max(1, onehot.shape[0] - 1))[None].expand(3, -1, -1)

@@ -44,7 +44,7 @@ def num_threads(n: int | None, blas: bool = False) -> Iterator[int]:
     """Run the block with ``torch.set_num_threads(n)`` (None: leave as is); restores the previous value.
 
     With ``blas`` also limit the BLAS pools of NumPy / SciPy (OpenBLAS, MKL) to ``n`` threads through
-    ``threadpoolctl`` when it is installed (e.g. ``scipy.linalg.sqrtm`` in FID).
+    ``threadpoolctl`` when it is installed (e.g. the NumPy products of KID).
     """
     before = torch.get_num_threads()
     if n is not None:

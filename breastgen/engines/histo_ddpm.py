@@ -1,13 +1,12 @@
-"""histo_ddpm_atypia engine: class- and mask-conditioned pixel-space DDPM for H&E tiles.
+"""Class- and mask-conditioned pixel-space DDPM for H&E tiles (the ``histo_ddpm_atypia`` bundle).
 
-Training stays plain MONAI -- ``SupervisedTrainer`` + :class:`ConditionalPrepareBatch` (a ``DiffusionPrepareBatch``
-that also hands over class labels and the one-hot mask) + :class:`ConditionalDiffusionInferer` (MONAI's
-``DiffusionInferer`` forward, with the mask concatenated to the noisy image and the class labels passed to
-``DiffusionModelUNet(num_class_embeds=...)``). Sampling goes through ``breastgen.schedulers.guided_sample``
-(classifier-free guidance against the null class, mask concatenated at every step).
-
-The bundle's configs load this file with ``runpy`` (``"engine": "$types.SimpleNamespace(**runpy.run_path(...))"``),
-so it needs nothing on ``sys.path`` besides breastgen.
+Training stays plain MONAI -- ``SupervisedTrainer`` + ``breastgen.engines.conditional.ConditionalPrepareBatch`` /
+``ConditionalDiffusionInferer`` (class labels to ``DiffusionModelUNet(num_class_embeds=...)``, the one-hot mask
+concatenated to the noisy image) + EMA of the weights (``breastgen.engines.ema.EMA``). This module holds the rest:
+:class:`PerClassNetwork` (one model per class), :class:`TilePipeline` (sampling through
+``breastgen.schedulers.guided_sample``: classifier-free guidance against the null class, mask concatenated at every
+step), :class:`TileSampleLogger`, :func:`generate_tiles` and :func:`evaluate` (FID with ``breastgen.metrics``, nucleus
+areas and mask IoU / Dice with ``breastgen.data.nuclei``).
 
 Images in the networks are RGB in [-1, 1]; everything this module returns or writes is [0, 1] / uint8 PNG.
 Arrays follow MONAI's (C, W, H) layout.
@@ -25,73 +24,23 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.engines import DiffusionPrepareBatch
-from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
-from breastgen.data.nuclei import NucleiSegmenter, OneHotMaskd, mask_agreement, nucleus_areas
-from breastgen.engines import load_checkpoint
-from breastgen.errors import BreastGenError
-from breastgen.io import atomic_write_json, make_grid, save_png
-from breastgen.schedulers import guided_sample, make_scheduler
+from ..data.nuclei import NucleiSegmenter, load_masks, mask_agreement, mask_preview, nucleus_areas
+from ..errors import BreastGenError
+from ..io import atomic_write_json, make_grid, save_png
+from ..metrics.fid import InceptionFeatures, frechet_distance
+from ..schedulers import guided_sample, make_scheduler
+from .checkpoints import load_checkpoint
+from .perf import Stopwatch
 
-__all__ = ["ConditionalPrepareBatch", "ConditionalDiffusionInferer", "PerClassNetwork", "TilePipeline",
-           "TileSampleLogger", "select_class", "load_weights", "load_masks", "check_sampling", "generate_tiles",
-           "fast_frechet_distance", "evaluate", "mask_files_from_datalist", "check_modes"]
-logger = logging.getLogger("histo_ddpm_atypia")
-
-
-# -------------------------------------------------------------------------------------------------- training
-class ConditionalPrepareBatch(DiffusionPrepareBatch):
-    """``DiffusionPrepareBatch`` whose inferer kwargs also carry ``class_labels`` (from ``class_key``) and ``mask``
-    (the one-hot mask from ``mask_key``); the target follows ``prediction_type`` ("epsilon": the noise,
-    "v_prediction": the velocity, "sample": the clean image)."""
-
-    def __init__(self, num_train_timesteps: int, class_key: str | None = None, mask_key: str | None = None,
-                 prediction_type: str = "epsilon", scheduler: Any = None):
-        super().__init__(num_train_timesteps, condition_name=None)
-        if prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise BreastGenError(f"unknown prediction_type {prediction_type!r}; allowed: epsilon, v_prediction, sample")
-        if prediction_type == "v_prediction" and scheduler is None:
-            raise BreastGenError("v_prediction training needs the noise scheduler (for the velocity target)")
-        self.class_key, self.mask_key = class_key, mask_key
-        self.prediction_type, self.scheduler = prediction_type, scheduler
-
-    def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        if self.prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(images, noise, timesteps)
-        return images if self.prediction_type == "sample" else noise
-
-    def __call__(self, batchdata: dict, device: Any = None, non_blocking: bool = False, **kwargs: Any):
-        images, target, args, infer_kwargs = super().__call__(batchdata, device, non_blocking, **kwargs)
-        if self.class_key is not None:
-            infer_kwargs["class_labels"] = torch.as_tensor(batchdata[self.class_key]).long().view(-1).to(device)
-        if self.mask_key is not None:
-            infer_kwargs["mask"] = torch.as_tensor(batchdata[self.mask_key]).float().to(device)
-        return images, target, args, infer_kwargs
+__all__ = ["PerClassNetwork", "TilePipeline", "TileSampleLogger", "MODES", "load_weights", "check_sampling",
+           "check_modes", "generate_tiles", "evaluate"]
+logger = logging.getLogger(__name__)
 
 
-class ConditionalDiffusionInferer(DiffusionInferer):
-    """MONAI's ``DiffusionInferer`` training forward with the two conditionings of this bundle: ``mask`` is
-    concatenated to the noisy image along channels (as ``mode="concat"``), ``class_labels`` go to the UNet's class
-    embedding. Sampling is done by :class:`TilePipeline` (``guided_sample``)."""
-
-    def __call__(self, inputs: torch.Tensor, diffusion_model: Callable, noise: torch.Tensor, timesteps: torch.Tensor,
-                 class_labels: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                 condition: torch.Tensor | None = None, mode: str = "crossattn", seg: Any = None) -> torch.Tensor:
-        noisy = self.scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=timesteps)
-        if mask is not None:
-            if mask.shape[2:] != noisy.shape[2:]:
-                raise BreastGenError(f"mask size {tuple(mask.shape[2:])} differs from image size "
-                                     f"{tuple(noisy.shape[2:])}")
-            noisy = torch.cat([noisy, mask.to(noisy)], dim=1)
-        kwargs = {} if class_labels is None else {"class_labels": class_labels}
-        if condition is not None:
-            kwargs["context"] = condition
-        return diffusion_model(noisy, timesteps=timesteps, **kwargs)
-
-
+# -------------------------------------------------------------------------------------------------- models
 class PerClassNetwork(nn.Module):
     """One unconditional network per class behind the class-conditional interface (the seed's setup: one DDPM per
     atypia class): ``forward(x, timesteps, class_labels)`` runs each sample through its class's network."""
@@ -115,18 +64,6 @@ class PerClassNetwork(nn.Module):
                 out = y.new_empty((x.shape[0], *y.shape[1:]))
             out[idx] = y
         return out
-
-
-def select_class(datalist: Sequence[Mapping], train_class: int | None, num_classes: int) -> list[dict]:
-    """The datalist entries of class ``train_class`` (all entries for None): the per-class (seed) setup."""
-    if train_class is None:
-        return [dict(e) for e in datalist]
-    if isinstance(train_class, bool) or not isinstance(train_class, int) or not 0 <= train_class < num_classes:
-        raise BreastGenError(f"train_class must be null or an integer 0..{num_classes - 1}, got {train_class!r}")
-    out = [dict(e) for e in datalist if int(e.get("label", -1)) == train_class]
-    if not out:
-        raise BreastGenError(f"no training tile of class {train_class} in the datalist")
-    return out
 
 
 def load_weights(network: nn.Module, checkpoints: str | Path | Sequence[str | Path], use_ema: bool = True,
@@ -240,6 +177,8 @@ def check_modes(modes: Sequence[str]) -> list[str]:
 
 
 def check_sampling(pipeline: TilePipeline, sampler: str, steps: int, guidance_scale: float) -> None:
+    """An unknown sampler, a step count that is not an integer >= 1 (or not all training steps for DDPM) and a
+    negative guidance scale are one-line errors, raised before any tile is sampled."""
     sched = pipeline.scheduler(sampler)  # unknown sampler / schedule -> error
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:
         raise BreastGenError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
@@ -267,54 +206,14 @@ class TileSampleLogger:
         pipeline.check(labels, masks, n, sampler, steps, guidance_scale)
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
-        engine.add_event_handler(Events.COMPLETED, self)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval) | Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         tiles = self.pipeline.sample(self.seeds, self.labels, self.masks, self.sampler, self.steps, self.guidance)
         rows = list(tiles)
         if self.masks is not None:
-            rows += [_mask_rgb(m) for m in self.masks]
+            rows += [mask_preview(m) for m in self.masks]
         save_png(make_grid(rows, ncol=len(tiles)), self.out / f"{self.name}_iter_{engine.state.iteration:07d}.png")
-
-
-# -------------------------------------------------------------------------------------------------- inputs
-def _mask_rgb(onehot: torch.Tensor) -> torch.Tensor:
-    """One-hot (C, W, H) -> RGB (3, W, H) for display: background black, classes grey levels."""
-    idx = torch.as_tensor(onehot).argmax(0).float()
-    v = idx / max(1, onehot.shape[0] - 1)
-    return v[None].expand(3, -1, -1)
-
-
-def load_masks(paths: Sequence[str | Path], values: Sequence[int], image_size: int) -> torch.Tensor:
-    """Mask files -> one-hot (N, len(values), S, S). Unknown pixel values, non-square masks and unreadable files
-    are one-line errors naming the file."""
-    from monai.data import MetaTensor
-
-    from breastgen.data.readers import load_image
-
-    onehot = OneHotMaskd("mask", values=values, spatial_size=image_size, ref_key=None)
-    out = []
-    for p in paths:
-        arr, meta = load_image(p, modalities=None, allow_constant=True)
-        if arr.ndim != 2:
-            raise BreastGenError(f"a mask has one grey channel, got shape {arr.shape} (W x H x C)", p)
-        if arr.shape[0] != arr.shape[1]:
-            raise BreastGenError(f"mask is {arr.shape[0]} x {arr.shape[1]} (W x H); the model makes square "
-                                 f"{image_size} x {image_size} tiles", p)
-        m = MetaTensor(torch.as_tensor(arr)[None], meta={"filename_or_obj": str(p)})
-        out.append(torch.as_tensor(onehot({"mask": m})["mask"]).as_subclass(torch.Tensor))
-    if not out:
-        raise BreastGenError("no mask given for mask-guided generation")
-    return torch.stack([torch.as_tensor(o) for o in out])
-
-
-def mask_files_from_datalist(entries: Sequence[Mapping], n: int | None = None) -> tuple[list[str], list[int | None]]:
-    """(mask paths, class labels) of the first ``n`` datalist entries that have a mask."""
-    picked = [e for e in entries if e.get("mask")][: None if n is None else int(n)]
-    if not picked:
-        raise BreastGenError("the datalist section has no entry with a 'mask'")
-    return [str(e["mask"]) for e in picked], [None if e.get("label") is None else int(e["label"]) for e in picked]
 
 
 def _slug(text: str) -> str:
@@ -361,15 +260,17 @@ def generate_tiles(output_dir: str | Path, classcond: TilePipeline | None = None
     for k, job in enumerate(jobs):
         job["seed"] = int(seed) + k
     manifest = []
+    shown: dict[str, list[torch.Tensor]] = {"classcond": [], "maskguided": []}  # the first 32 tiles of each mode
     for mode, pipe in (("classcond", classcond), ("maskguided", maskguided)):
         todo = [j for j in jobs if j["mode"] == mode]
         for start in range(0, len(todo), int(batch_size)):
             chunk = todo[start:start + int(batch_size)]
             m = masks[[j["mask_index"] for j in chunk]] if mode == "maskguided" else None
             labels = [j["class"] for j in chunk] if pipe.class_conditional else None
-            t0 = time.perf_counter()
-            tiles = pipe.sample([j["seed"] for j in chunk], labels, m, sampler, num_inference_steps, guidance_scale)
-            secs = (time.perf_counter() - t0) / len(chunk)
+            with Stopwatch() as sw:
+                tiles = pipe.sample([j["seed"] for j in chunk], labels, m, sampler, num_inference_steps,
+                                    guidance_scale)
+            secs = sw.wall / len(chunk)
             for i, (job, tile) in enumerate(zip(chunk, tiles)):
                 c = job["class"]
                 rec = {"mode": mode, "class": c, "class_name": names[c] if names and c is not None else None,
@@ -383,15 +284,12 @@ def generate_tiles(output_dir: str | Path, classcond: TilePipeline | None = None
                     stem = f"{Path(job['mask']).stem}_s{job['seed']:06d}"
                     rec["file"] = str(save_png(tile, out / mode / f"{stem}.png"))
                     rec["mask"] = job["mask"]
-                    rec["mask_used"] = str(save_png(_mask_rgb(m[i])[0], out / mode / f"{stem}_mask.png"))
+                    rec["mask_used"] = str(save_png(mask_preview(m[i])[0], out / mode / f"{stem}_mask.png"))
                 manifest.append(rec)
-    for mode in ("classcond", "maskguided"):
-        recs = [r for r in manifest if r["mode"] == mode]
-        if recs:
-            from breastgen.data.readers import load_image
-
-            imgs = [torch.from_numpy(np.moveaxis(load_image(r["file"], modalities=None, allow_constant=True)[0], -1, 0)
-                                     .astype(np.float32) / 255.0) for r in recs[:32]]
+                if len(shown[mode]) < 32:
+                    shown[mode].append(tile)
+    for mode, imgs in shown.items():
+        if imgs:
             save_png(make_grid(imgs, ncol=min(8, len(imgs))), out / f"{mode}_grid.png")
     atomic_write_json(out / "manifest.json", manifest)
     logger.info("wrote %d tiles and %s", len(manifest), out / "manifest.json")
@@ -399,30 +297,6 @@ def generate_tiles(output_dir: str | Path, classcond: TilePipeline | None = None
 
 
 # -------------------------------------------------------------------------------------------------- evaluation
-def fast_frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
-    """The Frechet distance between the Gaussians fitted to two feature sets -- exactly the FID formula with the
-    unbiased covariances, computed through ``tr sqrt(S_a S_b) = ||A B^T||_* / sqrt((n_a - 1)(n_b - 1))`` (A, B the
-    centred feature matrices): an SVD of an n_a x n_b matrix instead of the 2048 x 2048 matrix square root (which
-    takes tens of seconds on a CPU)."""
-    a = torch.as_tensor(feats_a, dtype=torch.float64)
-    b = torch.as_tensor(feats_b, dtype=torch.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise BreastGenError(f"feature sets must be (n, d) with the same d, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if len(a) < 2 or len(b) < 2:
-        raise BreastGenError("FID needs at least 2 images per set")
-    na, nb = len(a), len(b)
-    ca, cb = a - a.mean(0), b - b.mean(0)
-    tr_a = float((ca * ca).sum()) / (na - 1)
-    tr_b = float((cb * cb).sum()) / (nb - 1)
-    cross = float(torch.linalg.svdvals(ca @ cb.T).sum()) / np.sqrt((na - 1) * (nb - 1))
-    diff = float(((a.mean(0) - b.mean(0)) ** 2).sum())
-    return diff + tr_a + tr_b - 2.0 * cross
-
-
-def _cpu_seconds() -> float:
-    return time.process_time()
-
-
 def _segment_all(segmenter: Callable, tiles: torch.Tensor) -> list[np.ndarray]:
     return [segmenter(t.numpy()) for t in tiles]
 
@@ -444,8 +318,6 @@ def evaluate(output_dir: str | Path, reference: Sequence[Mapping], mask_referenc
     with the same seeds, and for the mask-guided model IoU / Dice of the re-segmented tiles with their input masks
     and with shuffled masks (chance level), plus the segmenter's IoU on the real tiles (its ceiling).
     """
-    from breastgen.metrics import InceptionFeatures
-
     out = Path(output_dir)
     segmenter = segmenter or NucleiSegmenter()
     if not reference:
@@ -454,13 +326,20 @@ def evaluate(output_dir: str | Path, reference: Sequence[Mapping], mask_referenc
     real_labels = np.asarray([int(r["label"]) for r in reference])
     num_classes = classcond.num_classes if classcond is not None and classcond.class_conditional else \
         int(real_labels.max()) + 1
-    names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
     metrics: dict[str, Any] = {"n_reference": len(reference), "image_size": int(real.shape[-1]),
                                "sampler": sampler, "steps": int(num_inference_steps)}
     ext = InceptionFeatures(inception_path, batch_size=batch_size)
-    t0, c0 = time.perf_counter(), _cpu_seconds()
-    real_feats = ext(real)
-    inception_cpu = _cpu_seconds() - c0
+    inception_cpu = 0.0
+
+    def features(images: torch.Tensor) -> torch.Tensor:  # Inception features, their CPU time counted
+        nonlocal inception_cpu
+        with Stopwatch() as sw:
+            feats = ext(images)
+        inception_cpu += sw.cpu
+        return feats
+
+    t0 = time.perf_counter()
+    real_feats = features(real)
     real_seg = _segment_all(segmenter, real)
     for c in range(num_classes):
         sel = [s for s, lab in zip(real_seg, real_labels) if lab == c]
@@ -469,28 +348,25 @@ def evaluate(output_dir: str | Path, reference: Sequence[Mapping], mask_referenc
     if all(r.get("mask") is not None for r in reference):
         truth = [torch.as_tensor(r["mask"]).argmax(0).numpy() for r in reference]
         metrics["segmenter_iou_real"] = mask_agreement(truth, real_seg)["iou"]
-    panels: list[torch.Tensor] = []
 
     if classcond is not None:
         labels = [c for c in range(num_classes) for _ in range(int(fid_samples_per_class))]
         seeds = [int(seed) + k for k in range(len(labels))]
         tiles, secs, cpus = [], 0.0, 0.0
         for s in range(0, len(labels), batch_size):
-            t1, c1 = time.perf_counter(), _cpu_seconds()
-            tiles.append(classcond.sample(seeds[s:s + batch_size], labels[s:s + batch_size] if
-                                          classcond.class_conditional else None, None, sampler, num_inference_steps,
-                                          guidance_scale))
-            secs, cpus = secs + time.perf_counter() - t1, cpus + _cpu_seconds() - c1
+            with Stopwatch() as sw:
+                tiles.append(classcond.sample(seeds[s:s + batch_size], labels[s:s + batch_size] if
+                                              classcond.class_conditional else None, None, sampler,
+                                              num_inference_steps, guidance_scale))
+            secs, cpus = secs + sw.wall, cpus + sw.cpu
         gen = torch.cat(tiles)
-        c1 = _cpu_seconds()
-        gen_feats = ext(gen)
-        inception_cpu += _cpu_seconds() - c1
+        gen_feats = features(gen)
         lab_arr = np.asarray(labels)
-        metrics["fid"] = fast_frechet_distance(gen_feats, real_feats)
+        metrics["fid"] = frechet_distance(gen_feats, real_feats)
         gen_seg = _segment_all(segmenter, gen)
         for c in range(num_classes):
             g, r = gen_feats[lab_arr == c], real_feats[real_labels == c]
-            metrics[f"fid_class{c}"] = fast_frechet_distance(g, r) if len(g) >= 2 and len(r) >= 2 else float("nan")
+            metrics[f"fid_class{c}"] = frechet_distance(g, r) if len(g) >= 2 and len(r) >= 2 else float("nan")
             areas = np.concatenate([nucleus_areas(s) for s, lab in zip(gen_seg, labels) if lab == c] or [np.zeros(0)])
             metrics[f"nucleus_area_class{c}"] = float(areas.mean()) if len(areas) else 0.0
             metrics[f"nuclei_per_tile_class{c}"] = float(len(areas) / max(1, int(fid_samples_per_class)))
@@ -508,17 +384,15 @@ def evaluate(output_dir: str | Path, reference: Sequence[Mapping], mask_referenc
         if n_cmp >= 2:
             order = _round_robin(labels, n_cmp)
             T = int(classcond.schedule.get("num_train_timesteps", 1000))
-            t1, c1 = time.perf_counter(), _cpu_seconds()
-            ddpm = classcond.sample([seeds[i] for i in order], [labels[i] for i in order] if
-                                    classcond.class_conditional else None, None, "ddpm", T, guidance_scale)
-            ddpm_secs, ddpm_cpu = (time.perf_counter() - t1) / n_cmp, (_cpu_seconds() - c1) / n_cmp
-            c1 = _cpu_seconds()
-            ddpm_feats = ext(ddpm)
-            inception_cpu += _cpu_seconds() - c1
+            with Stopwatch() as sw:
+                ddpm = classcond.sample([seeds[i] for i in order], [labels[i] for i in order] if
+                                        classcond.class_conditional else None, None, "ddpm", T, guidance_scale)
+            ddpm_secs, ddpm_cpu = sw.wall / n_cmp, sw.cpu / n_cmp
+            ddpm_feats = features(ddpm)
             metrics.update({"compare_tiles": n_cmp, "ddpm_steps": T, "ddpm_seconds_per_tile": ddpm_secs,
                             "ddpm_cpu_seconds_per_tile": ddpm_cpu,
-                            "ddpm_fid_compare": fast_frechet_distance(ddpm_feats, real_feats),
-                            f"{sampler}_fid_compare": fast_frechet_distance(gen_feats[order], real_feats),
+                            "ddpm_fid_compare": frechet_distance(ddpm_feats, real_feats),
+                            f"{sampler}_fid_compare": frechet_distance(gen_feats[order], real_feats),
                             "ddpm_nucleus_area": float(np.mean(np.concatenate(
                                 [nucleus_areas(segmenter(t.numpy())) for t in ddpm] or [np.zeros(1)])))})
             save_png(make_grid(list(gen[order]) + list(ddpm), ncol=n_cmp), out / "evaluation" / "ddim_vs_ddpm.png")
@@ -541,12 +415,10 @@ def evaluate(output_dir: str | Path, reference: Sequence[Mapping], mask_referenc
         metrics.update({f"mask_{k}": v for k, v in agree.items()})
         metrics["mask_samples"] = len(with_mask)
         if maskguided_fid:
-            c1 = _cpu_seconds()
-            metrics["fid_maskguided"] = fast_frechet_distance(ext(gen), real_feats)
-            inception_cpu += _cpu_seconds() - c1
+            metrics["fid_maskguided"] = frechet_distance(features(gen), real_feats)
         k = min(8, len(gen))
         seg_rgb = [torch.as_tensor(s > 0).float()[None].expand(3, -1, -1) for s in seg[:k]]
-        save_png(make_grid([_mask_rgb(m) for m in masks[:k]] + list(gen[:k]) + seg_rgb, ncol=k),
+        save_png(make_grid([mask_preview(m) for m in masks[:k]] + list(gen[:k]) + seg_rgb, ncol=k),
                  out / "evaluation" / "maskguided_mask_sample_segmentation.png")
     metrics["inception_cpu_seconds"] = inception_cpu
     metrics["evaluate_seconds"] = time.perf_counter() - t0
