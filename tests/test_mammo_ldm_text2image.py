@@ -14,7 +14,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from breastgen.errors import BreastGenError
+from breastgen.errors import BreastGenError, find_breastgen_error
 from breastgen.engines.diffusion import check_request
 from conftest import ROOT
 
@@ -125,6 +125,29 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(demo, demo_data, tmp_path)
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "autoencoder.pt: checkpoint not found" in last
+
+
+def test_bfloat16_unet_halves_the_weights_and_keeps_the_images(pipeline, demo, demo_data):
+    """inference.json's unet_dtype: the UNet + text encoder built directly in bfloat16 (no float32 copy),
+    sampled inside the float32 loop; images match float32 ones closely."""
+    p = ConfigParser()
+    p.read_config([str(CONFIGS / f) for f in ("train.json", "inference.json", "demo.json")])
+    p.update({"bundle_root": str(BUNDLE), "data_dir": str(demo_data), "output_dir": str(demo), "unet_dtype": "bfloat16"})
+    p.get_parsed_content("initialize")
+    assert torch.get_default_dtype() == torch.float32  # restored after building
+    p.get_parsed_content("load")
+    half = p.get_parsed_content("pipeline")
+    assert {q.dtype for q in half.network.parameters()} == {torch.bfloat16}
+    assert {q.dtype for q in half.autoencoder.parameters()} == {torch.float32}
+    prompts = ["a mammogram in CC view with small area", "a mammogram in MLO view with big area"]
+    a = pipeline.sample(prompts, [0, 1], num_inference_steps=10)
+    b = half.sample(prompts, [0, 1], num_inference_steps=10)
+    assert b.dtype == torch.float32 and (a - b).abs().mean() < 0.02, float((a - b).abs().mean())
+    p.update({"unet_dtype": "float64"})
+    with pytest.raises(Exception) as e:  # MONAI wraps it; the excepthook prints our one line
+        p.get_parsed_content("initialize")
+    assert "unknown dtype 'float64'" in str(find_breastgen_error(e.value))
+    torch.set_default_dtype(torch.float32)
 
 
 def test_torchscript_export_of_the_text_conditioned_unet(pipeline, tmp_path):

@@ -84,12 +84,19 @@ class ResumeFromLatest:
 
 
 def load_state(path: str | Path, map_location: Any = "cpu") -> dict:
-    """``torch.load(path, weights_only=True)`` with one-line errors for a missing or unreadable file."""
+    """``torch.load(path, weights_only=True, mmap=True)`` with one-line errors for a missing or unreadable file.
+    Memory-mapped: ``load_state_dict`` copies the weights straight from the file instead of from a second copy
+    in memory (a legacy non-zip file is read the ordinary way)."""
     path = Path(path)
     if not path.is_file():
         raise BreastGenError("checkpoint not found (train the bundle first, or set ckpt_path / pretrained_path)", path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise BreastGenError(f"cannot read checkpoint ({_short(e)})", path) from None
 

@@ -17,14 +17,14 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from ..data.conditioning import LatentScaleFactor, check_prompt
+from ..data.conditioning import LatentScaleFactor, check_prompt, scale_value
 from ..errors import BreastGenError
 from ..io import atomic_write_json, make_grid, save_png, save_tiff16, to_rows_cols
 from ..io.dicom import write_synthetic_dicom
 from ..prompts import parse_prompt
-from ..schedulers import guided_sample, make_scheduler
+from ..schedulers import LDM_SCHEDULE, guided_sample, make_scheduler
 
-__all__ = ["LatentDiffusionPipeline", "DiffusionSampleLogger", "check_request", "generate_images", "read_prompts"]
+__all__ = ["LatentDiffusionPipeline", "DiffusionSampleLogger", "torch_dtype", "in_dtype_of", "check_request", "generate_images", "read_prompts"]
 logger = logging.getLogger(__name__)
 
 
@@ -40,18 +40,12 @@ class LatentDiffusionPipeline:
         self.autoencoder, self.network, self.tokenizer = autoencoder, network, tokenizer
         self.scale = scale
         self.latent_shape = tuple(int(s) for s in latent_shape)
-        self.schedule = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.00085,
-                         "beta_end": 0.012, "prediction_type": "epsilon", **(schedule or {})}
+        self.schedule = {**LDM_SCHEDULE, **(schedule or {})}
         self.device = torch.device(device)
 
     @property
     def scale_value(self) -> float:
-        s = self.scale
-        if isinstance(s, LatentScaleFactor):
-            if not s.fitted:
-                raise BreastGenError("the latent scale factor was not restored: the diffusion checkpoint lacks it")
-            return float(s.value)
-        return float(s)
+        return scale_value(self.scale)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -67,18 +61,61 @@ class LatentDiffusionPipeline:
                progress: Any = None) -> torch.Tensor:
         if len(prompts) != len(seeds):
             raise BreastGenError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        # per-sample generators: an image depends on its own seed only, not on the batch it is in
-        noise = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(s)))
-                             for s in seeds]).to(self.device)
+        noise = self.initial_noise(seeds)
         context = self.encode_prompts(prompts)
         uncond = self.encode_prompts([negative_prompt or ""] * len(prompts))
-        z = guided_sample(self.network, noise, self.scheduler(sampler), num_inference_steps, context=context,
+        z = guided_sample(in_dtype_of(self.network), noise, self.scheduler(sampler), num_inference_steps,
+                          context=context,
                           uncond_context=uncond, guidance_scale=guidance_scale,
                           generator=torch.Generator(device=self.device).manual_seed(int(seeds[0])),
                           progress=progress)
+        return self.decode(z)
+
+    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """Gaussian latents, one generator per seed: an image depends on its own seed only, not on its batch."""
+        return torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(s)))
+                            for s in seeds]).to(self.device)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1] on the CPU."""
         self.autoencoder.eval()
         images = self.autoencoder.decode_stage_2_outputs(z / self.scale_value)
         return images.float().clamp(0.0, 1.0).cpu()
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """'float32' / 'bfloat16' / 'float16' -> the torch dtype (a one-line error otherwise)."""
+    if isinstance(name, torch.dtype):
+        return name
+    allowed = ("float32", "bfloat16", "float16")
+    if str(name) not in allowed:
+        raise BreastGenError(f"unknown dtype {name!r}; allowed: {', '.join(allowed)}")
+    return getattr(torch, str(name))
+
+
+class _InDtype(nn.Module):
+    """Calls ``module`` with floating inputs cast to its parameters' dtype and returns float32 outputs, so a network
+    kept in bfloat16 (half the memory) runs inside a float32 sampling loop."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.module.encode(tokens)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        kwargs = {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+        return self.module(x.to(self.dtype), timesteps, **kwargs).float()
+
+
+def in_dtype_of(network: nn.Module) -> nn.Module:
+    """``network`` itself when its weights are float32, else wrapped to take and return float32 tensors."""
+    param = next(network.parameters(), None)
+    if param is None or param.dtype == torch.float32:
+        return network
+    return _InDtype(network, param.dtype)
 
 
 class DiffusionSampleLogger:
