@@ -28,8 +28,15 @@ demo: $(STAMP)
 	$(PY) scripts/run_demo.py --data demo_data --out demo_out
 
 # the GUI browser test (tests/test_app.py) runs in `make test` too; both install Debian's chromium first
+# TEST_WORKERS pytest-xdist processes of one thread each (whole test files per worker; bundle demos are trained
+# once per run and shared between workers); TEST_WORKERS=0 runs in this process with OMP_NUM_THREADS threads
+TEST_WORKERS ?= 2
 test: $(STAMP) chromium
+ifeq ($(TEST_WORKERS),0)
 	BREASTGEN_REQUIRE_BROWSER=1 $(PY) -m pytest -q
+else
+	BREASTGEN_REQUIRE_BROWSER=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+endif
 
 test-gui: $(STAMP) chromium
 	BREASTGEN_REQUIRE_BROWSER=1 $(PY) -m pytest -q tests/test_app.py

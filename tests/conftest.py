@@ -15,16 +15,52 @@ BUNDLES = sorted(p for p in (ROOT / "bundles").glob("*") if (p / "configs").is_d
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
+def free_port() -> int:
+    """A free localhost TCP port (torchrun rendezvous, servers): fixed ports collide between parallel workers."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _shared_dir(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this run sees (the per-worker base temp's parent), else the base temp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _once(folder: Path, build) -> Path:
+    """``build(folder)`` exactly once across pytest-xdist workers (file lock + done marker); a failure is recorded,
+    so the other workers fail with the same reason instead of running it again."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    done, failed = folder.with_name(folder.name + ".done"), folder.with_name(folder.name + ".failed")
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if failed.is_file():
+            raise RuntimeError(f"{folder.name} failed in another worker: {failed.read_text()}")
+        if not done.is_file():
+            try:
+                build(folder)
+            except BaseException as e:
+                failed.write_text(f"{type(e).__name__}: {e}")
+                raise
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    """The demo phantoms, built by the same script `make demo` uses (reused from BREASTGEN_DEMO_DATA if set)."""
+    """The demo phantoms, built by the same script `make demo` uses (reused from BREASTGEN_DEMO_DATA if set);
+    built once per test run, shared by pytest-xdist workers."""
     given = os.environ.get("BREASTGEN_DEMO_DATA")
     if given and (Path(given) / "mammo" / "datalist.json").is_file():
         return Path(given)
-    out = tmp_path_factory.mktemp("demo_data")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), "--out", str(out)], check=True,
-                   capture_output=True)
-    return out
+    return _once(_shared_dir(tmp_path_factory) / "demo_data", lambda out: subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), "--out", str(out)], check=True,
+        capture_output=True))
 
 
 _demo_runs: dict[str, Path] = {}
@@ -32,13 +68,15 @@ _demo_runs: dict[str, Path] = {}
 
 @pytest.fixture(scope="session")
 def bundle_demo(demo_data, tmp_path_factory):
-    """``bundle_demo(bundle_dir)`` runs that bundle's demo stages once per session; returns its output folder.
+    """``bundle_demo(bundle_dir)`` runs that bundle's demo stages once per test run (shared by pytest-xdist
+    workers); returns its output folder.
 
     With ``BREASTGEN_DEMO_OUT`` set to the output folder of an earlier demo run (``make demo`` writes
     ``demo_out/<bundle>``), bundles found there are not trained again."""
     from breastgen.bundle import demo_requires, run_demo
 
     reuse = os.environ.get("BREASTGEN_DEMO_OUT")  # e.g. demo_out/ of an earlier `make demo` with the same code
+    shared = _shared_dir(tmp_path_factory) / "demos"
 
     def run(bundle_dir: Path) -> Path:
         key = str(bundle_dir)
@@ -47,9 +85,10 @@ def bundle_demo(demo_data, tmp_path_factory):
             _demo_runs.setdefault(key, done)
         if key not in _demo_runs:
             needed = {k: str(run(ROOT / "bundles" / name)) for k, name in demo_requires(bundle_dir).items()}
-            out = tmp_path_factory.mktemp(Path(bundle_dir).name)
-            run_demo(bundle_dir, demo_data, out, extra_overrides=needed)
-            _demo_runs[key] = out
+            name = Path(bundle_dir).name if Path(bundle_dir).parent == ROOT / "bundles" else \
+                f"{Path(bundle_dir).parent.name}_{Path(bundle_dir).name}"
+            _demo_runs[key] = _once(shared / name,
+                                    lambda out: run_demo(bundle_dir, demo_data, out, extra_overrides=needed))
         return _demo_runs[key]
 
     return run

@@ -26,7 +26,7 @@ from breastgen.errors import BreastGenError
 from breastgen.losses.cigan import (BoundaryLoss, CIGANReconstructionLoss, MaskedL1Loss, PerceptualLoss,
                                     VGG19Features, boundary_weight_map, mask_rim, perceptual_weights)
 from breastgen.networks.cigan import CascadedRefinementGenerator, ConditionalPatchDiscriminator
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 BUNDLE = ROOT / "bundles" / "mammo_cigan_infill"
 
@@ -320,7 +320,7 @@ def test_multi_gpu_overlay_runs_with_torchrun_gloo(bundle_demo, tmp_path):
     demo_out = bundle_demo(BUNDLE)
     cfg = BUNDLE / "configs"
     files = [str(cfg / "train.json"), str(cfg / "demo.json"), str(cfg / "multi_gpu_train.json")]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                         "-m", "monai.bundle", "run", "--config_file", json.dumps(files),
                         "--meta_file", str(cfg / "metadata.json"), "--logging_file", str(cfg / "logging.conf"),
                         "--bundle_root", str(BUNDLE), "--output_dir", str(tmp_path / "ddp"),

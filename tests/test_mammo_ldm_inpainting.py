@@ -24,7 +24,7 @@ from breastgen.errors import BreastGenError
 from breastgen.io.dicom import SYNTHETIC_MARK, write_mg_dicom
 from breastgen.networks.text import PromptTokenizer, TextConditionedUNet, TextEncoder
 from breastgen.schedulers import guided_sample, make_scheduler, repaint_sample
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 BUNDLE = ROOT / "bundles" / "mammo_ldm_inpainting"
 CONFIGS = BUNDLE / "configs"
@@ -387,7 +387,7 @@ def test_cli_bad_mask_is_one_line_and_writes_nothing(demo, t2i, demo_data, tmp_p
 
 
 def test_multi_gpu_overlay_trains_with_torchrun_on_cpu(demo, t2i, demo_data, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
            "monai.bundle", "run", "--config_file",
            str([str(CONFIGS / "train.json"), str(CONFIGS / "demo.json"), str(CONFIGS / "multi_gpu_train.json")]),
            "--bundle_root", str(BUNDLE), "--data_dir", str(demo_data), "--output_dir", str(tmp_path),

@@ -16,7 +16,7 @@ from monai.bundle import ConfigParser
 
 from breastgen.errors import BreastGenError, find_breastgen_error
 from breastgen.engines.diffusion import check_request
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 BUNDLE = ROOT / "bundles" / "mammo_ldm_text2image"
 CONFIGS = BUNDLE / "configs"
@@ -171,7 +171,7 @@ def test_multi_gpu_overlay_trains_with_torchrun_on_cpu(demo, demo_data, tmp_path
     shutil.copy(demo / "models" / "autoencoder.pt", tmp_path / "models" / "autoencoder.pt")
     files = [str(CONFIGS / f) for f in ("train.json", "train_diffusion.json", "demo.json", "demo_diffusion.json",
                                         "multi_gpu_train_diffusion.json")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "monai.bundle", "run", "--config_file", str(files), "--bundle_root", str(BUNDLE),
            "--data_dir", str(demo_data), "--output_dir", str(tmp_path), "--epochs", "1", "--val_interval", "1000"]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)

@@ -24,7 +24,7 @@ from breastgen.errors import BreastGenError
 from breastgen.io.dicom import write_mg_dicom
 from breastgen.networks.classifiers import (ShallowCNN, classification_metrics, evaluate_predictions, load_pretrained,
                                             resnet50_classifier)
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 BUNDLE = ROOT / "bundles" / "mammo_patch_classifier"
 
@@ -355,7 +355,7 @@ def test_multi_gpu_overlay_runs_with_torchrun_gloo(bundle_demo, tmp_path):
     cfg = BUNDLE / "configs"
     files = [str(cfg / "train.json"), str(cfg / "demo.json"), str(cfg / "multi_gpu_train.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                         "-m", "monai.bundle", "run", "--config_file", json.dumps(files),
                         "--meta_file", str(cfg / "metadata.json"), "--logging_file", str(cfg / "logging.conf"),
                         "--bundle_root", str(BUNDLE), "--output_dir", str(tmp_path / "ddp"),
