@@ -23,7 +23,7 @@ from PIL import Image
 from conftest import ROOT
 
 pytest.importorskip("gradio")
-BUNDLES = ("mammo_ldm_text2image", "he2ihc_pyramidpix2pix", "histo_ddpm_atypia")
+BUNDLES = ("mammo_ldm_text2image", "mammo_ldm_inpainting", "he2ihc_pyramidpix2pix", "histo_ddpm_atypia")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ARTIFACTS = Path(os.environ.get("BREASTGEN_TEST_ARTIFACTS") or ROOT / "tests" / "artifacts")
 TIMEOUT_MS = int(os.environ.get("BREASTGEN_GUI_TIMEOUT_MS", 60_000))
@@ -126,6 +126,12 @@ def _set_slider(page, elem_id: str, value: int) -> None:
     box.press("Enter")
 
 
+def _upload(page, elem_id: str, path: Path) -> None:
+    """Upload ``path`` into a File component and wait until the app has it."""
+    page.set_input_files(f"#{elem_id} input[type=file]", str(path))
+    page.wait_for_selector(f"#{elem_id} a[download='{path.name}']")
+
+
 def _status(page, prefix: str, expect: str) -> str:
     """Wait until the tab's status line contains ``expect``; return its text."""
     sel = f"#{prefix}-status .bg-status"
@@ -208,8 +214,7 @@ def test_text_to_mammogram_generates_the_requested_images(page, app):
 def test_he_to_ihc_translates_an_uploaded_image(page, demo_data):
     _open_tab(page, "3 · HE → IHC")
     he = sorted((demo_data / "histo" / "bci" / "HE" / "test").glob("*.png"))[0]
-    page.set_input_files("#he-upload input[type=file]", str(he))
-    page.wait_for_function("(name) => document.querySelector('#he-upload').innerText.includes(name)", arg=he.name)
+    _upload(page, "he-upload", he)
     page.click("#he-generate")
     status = _status(page, "he", "translated")
     assert he.name in status, status
@@ -255,16 +260,14 @@ def test_bad_uploads_show_an_error_in_the_page_and_the_server_keeps_running(page
 
     _open_tab(page, "4 · Histology synthesis")
     for path, expect in ((fake_dcm, "error: scan.dcm: not an image file"), (oblong, "error: oblong_mask.png: mask is 40 x 32")):
-        page.set_input_files("#histo-upload input[type=file]", str(path))
-        page.wait_for_function("(n) => document.querySelector('#histo-upload').innerText.includes(n)", arg=path.name)
+        _upload(page, "histo-upload", path)
         page.click("#histo-generate")
         status = _status(page, "histo", expect)
         assert "Traceback" not in status and len(status.splitlines()) == 1, status
         page.locator("#histo-upload button[aria-label='Clear']").first.click()
 
     _open_tab(page, "3 · HE → IHC")
-    page.set_input_files("#he-upload input[type=file]", str(fake_png))
-    page.wait_for_function("() => document.querySelector('#he-upload').innerText.includes('he.png')")
+    _upload(page, "he-upload", fake_png)
     page.click("#he-generate")
     _status(page, "he", "error: 1 image(s) not RGB or unreadable: he.png")
     _screenshot(page, "gui_bad_upload.png")
@@ -280,32 +283,120 @@ def test_bad_uploads_show_an_error_in_the_page_and_the_server_keeps_running(page
     assert app.proc.poll() is None
 
 
-def test_tab_without_bundle_or_checkpoint_says_so(page):
+def _load_mammogram(page, path: Path) -> None:
     _open_tab(page, "2 · Lesion inpainting")
-    notice = page.inner_text("#notice-mammo_ldm_inpainting")
-    # the test's demo folder has no inpainting checkpoints; the bundle itself may or may not be installed yet
-    assert "mammo_ldm_inpainting" in notice and any(
-        s in notice for s in ("not installed", "No trained checkpoint", "no tab for it")), notice
+    _upload(page, "inp-upload", path)
+    _status(page, "inp", f"{path.name}: ")
+
+
+def _lesion_case(demo_data: Path) -> tuple[Path, list[int]]:
+    """A demo mammogram (DICOM) with a lesion box on the breast."""
+    from breastgen.data.datalists import load_datalist
+
+    case = next(e for e in load_datalist(demo_data / "mammo" / "datalist.json", "test") if e.get("bbox"))
+    return Path(case["image"]), [int(v) for v in case["bbox"]]
+
+
+def _inpainted(page, mask: str) -> dict[str, np.ndarray]:
+    _status(page, "inp", f"(mask: {mask}")
+    page.wait_for_function("() => document.querySelector('#inp-compare img')?.naturalWidth > 0")
+    files = _downloads(page, "inp")
+    assert sorted(files) == ["inpainted_0000.dcm", "inpainted_0000.png", "mask_0000.png"], files
+    return {"image": _fetch_image(page, files["inpainted_0000.png"]), "mask": _fetch_image(page, files["mask_0000.png"])}
+
+
+def test_inpainting_with_a_typed_box_and_a_drawn_mask(page, demo_data):
+    from breastgen.data.readers import load_image
+
+    path, (x0, y0, x1, y1) = _lesion_case(demo_data)
+    original = np.asarray(load_image(path)[0]).T  # rows, cols as the PNG stores them
+    _load_mammogram(page, path)
+    page.fill("#inp-box textarea", f"{x0}, {y0}, {x1}, {y1}")  # typing a box selects "typed box"
+    page.wait_for_function("() => document.querySelector('#inp-source input[value=\"typed box\"]').checked")
+    _choose(page, "inp-pathology", "malignant")
+    page.click("#inp-generate")
+    out = _inpainted(page, "bbox [")
+    assert out["image"].shape == original.shape, out["image"].shape
+    rows, cols = np.nonzero(out["mask"])
+    assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == (x0, y0, x1, y1)
+    inside = out["mask"] > 0
+    assert (out["image"][inside] != original[inside]).mean() > 0.5, "nothing was inpainted in the box"
+    assert (out["image"] == original).mean() > 0.8, "the image changed far from the box"
+    assert "a mammogram with a malignant mass" in page.inner_text("#inp-status")
+    _screenshot(page, "gui_inpainting_box.png")
+
+    page.click("#inp-source label:has-text('drawn with the brush')")  # then a stroke across the middle of the canvas
+    page.wait_for_function("() => document.querySelector('#inp-source input[value=\"drawn with the brush\"]').checked")
+    box = page.locator("#inp-editor canvas").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - 10, cy)
+    page.mouse.down()
+    for dx in range(-10, 11, 2):
+        page.mouse.move(cx + dx, cy + dx / 2)
+    page.mouse.up()
+    page.click("#inp-generate")
+    out = _inpainted(page, "drawn with the brush")
+    rows, cols = np.nonzero(out["mask"])
+    assert len(rows) > 0 and out["image"].shape == original.shape
+    # the stroke was drawn at the middle of the displayed image: the mask is there in full-image pixels
+    assert abs(rows.mean() - original.shape[0] / 2) < 0.15 * original.shape[0], rows.mean()
+    assert abs(cols.mean() - original.shape[1] / 2) < 0.15 * original.shape[1], cols.mean()
+    _screenshot(page, "gui_inpainting_drawn.png")
+
+
+def test_inpainting_refuses_a_fake_dicom_and_a_mask_of_the_wrong_size(page, demo_data, tmp_path):
+    fake = tmp_path / "case7.dcm"
+    fake.write_text("not a DICOM file\n" * 10)
+    _open_tab(page, "2 · Lesion inpainting")
+    _upload(page, "inp-upload", fake)
+    assert "Traceback" not in _status(page, "inp", "error: case7.dcm: ")
+    page.locator("#inp-upload button[aria-label='Clear']").first.click()
+
+    path, _ = _lesion_case(demo_data)
+    _load_mammogram(page, path)
+    small = tmp_path / "small_mask.png"
+    Image.fromarray(np.pad(np.full((10, 10), 255, np.uint8), 45)).save(small)  # 100 x 100
+    _upload(page, "inp-mask", small)
+    page.wait_for_function("() => document.querySelector('#inp-source input[value=\"mask image\"]').checked")
+    page.click("#inp-generate")
+    status = _status(page, "inp", "error: small_mask.png: mask size (100, 100) differs from image size")
+    assert len(status.splitlines()) == 1, status
 
 
 # ------------------------------------------------------------------------------------------------ no browser
-def test_missing_checkpoints_and_bundles_are_reported_per_tab(tmp_path):
+def _notices(blocks) -> dict[str, str]:
+    return {c.elem_id.removeprefix("notice-"): str(c.value) for c in blocks.blocks.values()
+            if str(getattr(c, "elem_id", "") or "").startswith("notice-")}
+
+
+def test_missing_checkpoints_and_bundles_are_reported_in_their_tabs(tmp_path, monkeypatch):
     from breastgen.app.registry import tab_specs
-    from breastgen.app.server import AppOptions, _tab_notice, bundle_model
+    from breastgen.app.server import AppOptions, build_app, bundle_model
+    from breastgen.app.workspace import Workspace
     from breastgen.errors import find_breastgen_error
 
-    options = AppOptions(bundle_dir=ROOT / "bundles", demo_out=tmp_path / "empty", demo_data=None)
-    specs = {s.bundle: s for s in tab_specs()}
     assert [s.order for s in tab_specs()] == [1, 2, 3, 4]
-    message, controls = _tab_notice(specs["mammo_ldm_text2image"], bundle_model(specs["mammo_ldm_text2image"], options))
-    assert controls and "No trained checkpoint" in message and "autoencoder.pt" in message and "make demo" in message
-    model = bundle_model(specs["he2ihc_pyramidpix2pix"], options)
-    with pytest.raises(Exception) as info:  # what a tab's handler shows in its status line
-        model.get("load")
+    bundles = tmp_path / "bundles"  # one bundle not installed
+    bundles.mkdir()
+    for name in ("mammo_ldm_text2image", "he2ihc_pyramidpix2pix", "histo_ddpm_atypia"):
+        (bundles / name).symlink_to(ROOT / "bundles" / name, target_is_directory=True)
+    options = AppOptions(bundle_dir=bundles, demo_out=tmp_path / "empty", demo_data=None)
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)  # restored after the test (Workspace sets it)
+    workspace = Workspace(parent=str(tmp_path))
+    blocks, _ = build_app(options, workspace)
+    notices = _notices(blocks)
+    broken = [c.elem_id for c in blocks.blocks.values() if str(getattr(c, "elem_id", "") or "").startswith("error-")]
+    assert not broken, f"tabs that failed to build without demo data: {broken}"
+    assert "not installed" in notices["mammo_ldm_inpainting"], notices
+    for name, ckpt in (("mammo_ldm_text2image", "autoencoder.pt"), ("he2ihc_pyramidpix2pix", "generator.pt"),
+                       ("histo_ddpm_atypia", "classcond.pt")):
+        assert "No trained checkpoint" in notices[name] and ckpt in notices[name] and "make demo" in notices[name]
+    spec = next(s for s in tab_specs() if s.bundle == "he2ihc_pyramidpix2pix")
+    with pytest.raises(Exception) as info:  # what the tab's handler shows in its status line
+        bundle_model(spec, options).get("load")
     assert "generator.pt" in str(find_breastgen_error(info.value))
-    options.bundle_dir = tmp_path / "no_bundles"
-    message, controls = _tab_notice(specs["histo_ddpm_atypia"], bundle_model(specs["histo_ddpm_atypia"], options))
-    assert not controls and "not installed" in message
+    workspace.cleanup()
+    assert not workspace.root.exists()
 
 
 def test_binding_beyond_localhost_warns():
@@ -315,8 +406,10 @@ def test_binding_beyond_localhost_warns():
     assert "anyone who can reach this machine" in host_warning("0.0.0.0", 7860)
 
 
-def test_cli_rejects_a_malformed_option_in_one_line():
-    r = subprocess.run([sys.executable, "-m", "breastgen.app", "--checkpoints", "mammo_ldm_text2image"],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.strip() == \
-        "error: --checkpoints must be NAME=PATH, got 'mammo_ldm_text2image'", r.stderr
+def test_cli_rejects_a_malformed_option_in_one_line(capsys):
+    from breastgen.app.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--checkpoints", "mammo_ldm_text2image"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --checkpoints must be NAME=PATH, got 'mammo_ldm_text2image'"

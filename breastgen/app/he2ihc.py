@@ -12,7 +12,7 @@ from ..engines.gan import IMAGE_SUFFIXES, check_rgb_files, list_images, load_rgb
 from ..errors import BreastGenError
 from ..io import save_png
 from .registry import BundleModel, register_tab
-from .widgets import NO_EXAMPLE, example_files, example_picker, status_box
+from .widgets import NO_EXAMPLE, example_files, example_picker, on_click, status_box
 from .workspace import status_html
 
 MAX_PIXELS = 4096 * 4096  # CPU time and memory of one request
@@ -32,7 +32,7 @@ def _check_pixels(path) -> None:
 def build(model: BundleModel, ctx: Any) -> None:
     try:
         examples = example_files(list_images(model.get("input")))
-    except BreastGenError:
+    except Exception:  # noqa: BLE001 - no demo data: no examples
         examples = {}
     gr.Markdown(f"Upload an H&E image ({', '.join(IMAGE_SUFFIXES)}, RGB); the generator "
                 f"({model.get('generator_name')}) translates it to an IHC (HER2) stain.")
@@ -65,4 +65,4 @@ def build(model: BundleModel, ctx: Any) -> None:
         return status_html(note), str(shown), str(result), str(result)
 
     inputs = [upload, example] if example is not None else [upload, gr.State(NO_EXAMPLE)]
-    button.click(ctx.workspace.guarded(4)(translate), inputs, [status, before, after, files], concurrency_id="generate")
+    on_click(ctx, button, translate, inputs, [status, before, after, files])

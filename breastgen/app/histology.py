@@ -8,10 +8,11 @@ from typing import Any
 
 import gradio as gr
 
+from ..data.nuclei import load_masks
 from ..errors import BreastGenError
 from ..io import save_png
 from .registry import BundleModel, register_tab
-from .widgets import (NO_EXAMPLE, example_files, example_picker, progress_callback, result_widgets,
+from .widgets import (NO_EXAMPLE, example_files, example_picker, on_click, progress_callback, result_widgets,
                       sampling_controls, seeds, status_box)
 from .workspace import status_html
 
@@ -23,16 +24,8 @@ def _demo_masks(model: BundleModel) -> dict:
     """The masks the bundle's inference config picks from its datalist (the demo data's test masks)."""
     try:
         return example_files(model.get("mask_request")[0])
-    except (BreastGenError, KeyError):
+    except Exception:  # noqa: BLE001 - no demo data (or a datalist without masks): no examples
         return {}
-
-
-def _load_masks(model: BundleModel, paths, values, size):
-    from ..data import nuclei
-
-    if hasattr(nuclei, "load_masks"):
-        return nuclei.load_masks(paths, values, size)
-    return model.get("engine").load_masks(paths, values, size)  # bundle-local engine of older bundle versions
 
 
 @register_tab(4, "4 · Histology synthesis", "histo_ddpm_atypia", checkpoint_keys=("classcond_ckpts", "maskguided_ckpt"))
@@ -69,7 +62,7 @@ def build(model: BundleModel, ctx: Any) -> None:
         if mask_path is not None:
             if cls is not None and not mask_takes_class:
                 cls, ignored = None, " (class ignored: this bundle's mask-guided model takes none)"
-            masks = _load_masks(model, [mask_path], values, size)
+            masks = load_masks([mask_path], values, size)
             mask_file = save_png(masks[0].argmax(0).float() / max(1, len(values) - 1), out / "mask.png")
             masks = masks.expand(len(tile_seeds), -1, -1, -1)
             key, what = "maskguided_pipeline", "mask-guided"
@@ -91,6 +84,5 @@ def build(model: BundleModel, ctx: Any) -> None:
         return status_html(note), shown, paths, None if mask_file is None else str(mask_file)
 
     pick = example if example is not None else gr.State(NO_EXAMPLE)
-    button.click(ctx.workspace.guarded(4)(generate), [label, upload, pick, controls["guidance"], controls["steps"],
-                                        controls["sampler"], controls["seed"], controls["count"]],
-                 [status, gallery, files, mask_view], concurrency_id="generate")
+    on_click(ctx, button, generate, [label, upload, pick, controls["guidance"], controls["steps"], controls["sampler"],
+                                     controls["seed"], controls["count"]], [status, gallery, files, mask_view])

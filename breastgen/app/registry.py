@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..bundle import demo_stages
+from ..bundle import demo_requires, demo_stages
 from ..errors import BreastGenError
 
 __all__ = ["TabSpec", "register_tab", "tab_specs", "BundleModel"]
@@ -121,6 +121,10 @@ class BundleModel:
                 parser.read_config([str(f) for f in self.config_files()])
                 overrides = {"bundle_root": str(Path(self.bundle_root).resolve()),
                              "output_dir": str(Path(self.output_dir).resolve())}
+                if self.demo and (Path(self.bundle_root) / "configs" / "demo.json").is_file():
+                    # a demo built on another bundle's demo (e.g. its autoencoder): the sibling demo folder
+                    for key, name in demo_requires(self.bundle_root).items():
+                        overrides[key] = str((Path(self.output_dir).parent / name).resolve())
                 if self.data_dir is not None:
                     overrides["data_dir"] = str(Path(self.data_dir).resolve())
                 if self.device:

@@ -15,23 +15,10 @@ from ..errors import BreastGenError
 from ..prompts import AREAS, DEFAULT_VENDORS, DENSITIES, VIEWS, build_prompt
 from .registry import BundleModel, register_tab
 from .workspace import status_html
-from .widgets import progress_callback, result_widgets, sampling_controls, seeds, status_box
+from .widgets import WithProgress, on_click, progress_callback, result_widgets, sampling_controls, seeds, status_box
 
 ANY = "(any)"
 FROM_ATTRIBUTES, FROM_TEXT = "attributes", "free text"
-
-
-class _WithProgress:
-    """The bundle's pipeline, reporting its sampling steps to a progress callback."""
-
-    def __init__(self, pipeline: Any, progress: Any):
-        self._pipeline, self._progress = pipeline, progress
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pipeline, name)
-
-    def sample(self, *args: Any, **kwargs: Any) -> Any:
-        return self._pipeline.sample(*args, progress=self._progress, **kwargs)
 
 
 def attribute_prompt(vendor: str | None, view: str | None, density: str | None, area: str | None) -> str:
@@ -94,7 +81,7 @@ def build(model: BundleModel, ctx: Any) -> None:
         first = seeds(seed_v, count_v)[0]
         progress(0, desc="loading the model")
         model.get("load")
-        pipeline = _WithProgress(model.get("pipeline"), progress_callback(progress, "denoising"))
+        pipeline = WithProgress(model.get("pipeline"), progress_callback(progress, "denoising"))
         manifest = generate_images(pipeline, [prompt], ctx.workspace.new_output_dir(), negative_prompt=negative_v or "",
                                    num_samples=int(count_v), guidance_scale=float(guidance_v),
                                    num_inference_steps=int(steps_v), sampler=sampler_v, seed=first,
@@ -106,7 +93,6 @@ def build(model: BundleModel, ctx: Any) -> None:
                 f"{float(guidance_v):g}). DICOM files are synthetic and carry no patient data.")
         return status_html(note), shown, downloads
 
-    button.click(ctx.workspace.guarded(3)(generate), [*attributes, source, free, negative, controls["guidance"],
-                                            controls["steps"], controls["sampler"], controls["seed"],
-                                            controls["count"], laterality],
-                 [status, gallery, files], concurrency_id="generate")
+    on_click(ctx, button, generate, [*attributes, source, free, negative, controls["guidance"], controls["steps"],
+                                     controls["sampler"], controls["seed"], controls["count"], laterality],
+             [status, gallery, files])

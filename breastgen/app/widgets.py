@@ -10,7 +10,8 @@ import gradio as gr
 
 from ..schedulers import SCHEDULERS
 
-__all__ = ["status_box", "sampling_controls", "result_widgets", "example_picker", "NO_EXAMPLE", "progress_callback"]
+__all__ = ["status_box", "sampling_controls", "result_widgets", "example_picker", "NO_EXAMPLE", "progress_callback",
+           "WithProgress", "seeds", "example_files", "on_click"]
 
 NO_EXAMPLE = "(none)"
 
@@ -20,8 +21,9 @@ def status_box(prefix: str) -> gr.HTML:
 
 
 def sampling_controls(prefix: str, *, sampler: str, steps: int, guidance: float, guidance_max: float, seed: int,
-                      count: int, count_max: int, count_label: str) -> dict[str, Any]:
-    """Sampler, steps, guidance, seed and number of outputs; defaults come from the bundle's inference config."""
+                      count: int | None = None, count_max: int = 1, count_label: str = "") -> dict[str, Any]:
+    """Sampler, steps, guidance, seed and (unless ``count`` is None) number of outputs; defaults come from the
+    bundle's inference config."""
     with gr.Row():
         out = {"guidance": gr.Slider(0.0, guidance_max, value=float(guidance), step=0.5, label="Guidance scale",
                                      elem_id=f"{prefix}-guidance"),
@@ -31,8 +33,17 @@ def sampling_controls(prefix: str, *, sampler: str, steps: int, guidance: float,
                                      info="ddpm runs every training step; ddim ~50, dpm++2m ~20")
         out["seed"] = gr.Number(value=int(seed), precision=0, minimum=0, label="Seed (output k uses seed + k)",
                                 elem_id=f"{prefix}-seed")
-        out["count"] = gr.Slider(1, count_max, value=int(count), step=1, label=count_label, elem_id=f"{prefix}-count")
+        if count is not None:
+            out["count"] = gr.Slider(1, count_max, value=int(count), step=1, label=count_label,
+                                     elem_id=f"{prefix}-count")
     return out
+
+
+def on_click(ctx: Any, button: gr.Button, handler: Any, inputs: list, outputs: list) -> None:
+    """``button`` clears the status line (``outputs[0]``) at once, then runs ``handler`` under
+    ``ctx.workspace.guarded``, one generation at a time across the tabs."""
+    button.click(lambda: "", None, outputs[0], queue=False, show_progress="hidden").then(
+        ctx.workspace.guarded(len(outputs))(handler), inputs, outputs, concurrency_id="generate")
 
 
 def result_widgets(prefix: str, label: str, columns: int = 4) -> tuple[gr.Gallery, gr.File]:
@@ -47,6 +58,20 @@ def example_picker(prefix: str, examples: Iterable[str], label: str) -> gr.Dropd
     if not names:
         return None
     return gr.Dropdown([NO_EXAMPLE, *names], value=NO_EXAMPLE, label=label, elem_id=f"{prefix}-example")
+
+
+class WithProgress:
+    """A bundle's pipeline whose ``method`` (e.g. ``sample``, ``inpaint``) reports its steps to ``progress``; every
+    other attribute is the pipeline's, so the bundle's own writers can drive it."""
+
+    def __init__(self, pipeline: Any, progress: Any, method: str = "sample"):
+        self._pipeline, self._progress, self._method = pipeline, progress, method
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._pipeline, name)
+        if name != self._method:
+            return attr
+        return lambda *args, **kwargs: attr(*args, progress=self._progress, **kwargs)
 
 
 def progress_callback(progress: Any, desc: str):
