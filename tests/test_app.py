@@ -191,10 +191,12 @@ def test_text_to_mammogram_generates_the_requested_images(page, app):
     page.fill("#t2i-prompt textarea", prompt)
     page.wait_for_function("() => document.querySelector('#t2i-source input[value=\"free text\"]').checked")
     _set_slider(page, "t2i-count", 3)
+    _set_slider(page, "t2i-steps", 60)  # long enough to see the progress bar
     page.fill("#t2i-seed input", "7")
     page.click("#t2i-generate")
+    page.get_by_text("denoising").first.wait_for()  # the progress bar's label while sampling
     status = _status(page, "t2i", "image(s)")
-    assert "error" not in status and prompt in status and "seeds 7–9" in status, status
+    assert "error" not in status and prompt in status and "seeds 7–9" in status and "60 steps" in status, status
     images = _gallery(page, "t2i", 3)
     for img in images:
         assert img.shape[:2] == (size, size), img.shape

@@ -130,6 +130,8 @@ def build(model: BundleModel, ctx: Any) -> None:
         dd.change(_show_prompt, [pathology, kind], preview, queue=False, show_progress="hidden")
 
     def load(upload_v, example_v):
+        if not upload_v and example_v in (None, NO_EXAMPLE):  # upload cleared / no example: empty canvas
+            return "", None, None
         path = ctx.workspace.upload(upload_v, examples, example_v, "mammogram", IMAGE_SUFFIXES)
         value, size = _editor_view(path, ctx.workspace.new_output_dir())
         note = f"{path.name}: {size[0]} × {size[1]} (W × H) loaded; mark the lesion and press Inpaint"
@@ -138,6 +140,7 @@ def build(model: BundleModel, ctx: Any) -> None:
     pick = example if example is not None else gr.State(NO_EXAMPLE)
     load_outputs = [status, editor, loaded]
     upload.upload(ctx.workspace.guarded(3)(load), [upload, pick], load_outputs)
+    upload.clear(ctx.workspace.guarded(3)(load), [upload, pick], load_outputs)
     if example is not None:
         example.change(ctx.workspace.guarded(3)(load), [upload, pick], load_outputs)
 

@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,6 +132,23 @@ def host_warning(host: str, port: int) -> str | None:
             "files (there is no login). Use the default 127.0.0.1 unless that is intended.")
 
 
+def _patient_url_ok(url: str, seconds: float = 60.0) -> bool:
+    """Gradio's start-up self-check (a HEAD request on the app's own URL) gives up after one 3-second timeout, which
+    a loaded machine exceeds while the first page is built; this one keeps trying for ``seconds``."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.head(url, timeout=10).status_code in (200, 401, 301, 302, 303, 307, 308):
+                return True
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
 def launch(options: AppOptions) -> None:
     """Build the app and serve it until interrupted; the temporary folder is removed at exit."""
     warning = host_warning(options.host, options.port)
@@ -138,6 +156,7 @@ def launch(options: AppOptions) -> None:
         print(warning, file=sys.stderr, flush=True)
     blocks, ctx = build_app(options)
     atexit.register(ctx.workspace.cleanup)
+    gr.networking.url_ok = _patient_url_ok
     print(f"breastgen GUI on http://{options.host}:{options.port} (temporary files in {ctx.workspace.root}; "
           "Ctrl-C stops)", flush=True)
     blocks.launch(server_name=options.host, server_port=int(options.port), max_file_size=ctx.workspace.max_upload_bytes,
