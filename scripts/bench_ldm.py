@@ -252,7 +252,7 @@ def bench_flops(args, workdir: Path) -> dict:
             key = (v["channels_last"], v["flash"], v["fused"])
             if key in models:
                 continue
-            extra = {**({"unet_def#use_flash_attention": True} if v["flash"] else {}),
+            extra = {"unet_def#use_flash_attention": bool(v["flash"]),
                      **({"optimizer#fused": True} if v["fused"] else {})}
             parser = build_setting(name, workdir, [], extra)
             if not batches:
@@ -442,27 +442,21 @@ def memory_child(spec: str) -> None:
         torch.set_num_threads(int(opts["threads"]))
     t_start = time.perf_counter()
     overrides: dict[str, Any] = {"scale": {"_target_": "breastgen.data.conditioning.LatentScaleFactor",
-                                           "value": 0.18215}}
-    if opts["flash"]:
-        overrides["unet_def#use_flash_attention"] = True
-        overrides["autoencoder_def#use_flash_attention"] = True
+                                           "value": 0.18215},
+                                 "use_flash_attention": bool(opts["flash"]),
+                                 "unet_dtype": "bfloat16" if opts["bf16"] else "float32"}
     with tempfile.TemporaryDirectory() as tmp:
         parser = parse_configs(["train.json", "inference.json"], overrides, Path(tmp))
         torch.manual_seed(0)
-        dtype = torch.bfloat16 if opts["bf16"] else None
-        if dtype is not None:
-            torch.set_default_dtype(dtype)  # build the UNet + text encoder directly in bf16 (no fp32 copy)
-        network = parser.get_parsed_content("network")
-        torch.set_default_dtype(torch.float32)
-        # a second parser whose "network" is the one just built (parsing "pipeline" must not build another)
-        parser = parse_configs(["train.json", "inference.json"], {**overrides, "network": "$bench_network"},
-                               Path(tmp), {"bench_network": network})
+        for i in range(len(parser["initialize"])):  # as the bundle does: builds the UNet in unet_dtype
+            parser.get_parsed_content(f"initialize#{i}")
         pipeline = parser.get_parsed_content("pipeline")
+        network = pipeline.network
         steps = int(parser.get_parsed_content("num_inference_steps"))
         sampler = parser.get_parsed_content("sampler")
         guidance = float(parser.get_parsed_content("guidance_scale"))
         size = int(parser.get_parsed_content("image_size"))
-        wrapped = _StopAfter(pipeline.network, int(opts["steps"]), dtype)
+        wrapped = _StopAfter(pipeline.network, int(opts["steps"]))
         pipeline.network = wrapped
         n_params = sum(p.numel() for p in network.parameters()) + sum(
             p.numel() for p in pipeline.autoencoder.parameters())
@@ -496,9 +490,9 @@ def bench_memory(args) -> dict:
     import resource
 
     rows = []
-    variants = [("fp32, MONAI attention (configs as shipped)", False, False),
-                ("fp32, use_flash_attention (UNet + autoencoder)", True, False),
-                ("bf16 UNet + text encoder, use_flash_attention (UNet + autoencoder)", True, True)]
+    variants = [("fp32, MONAI attention (`use_flash_attention: false`)", False, False),
+                ("fp32, SDPA attention (configs as shipped)", True, False),
+                ("bf16 UNet + text encoder, SDPA (`unet_dtype: bfloat16`)", True, True)]
     for label, flash, bf16 in variants:
         spec = json.dumps({"flash": flash, "bf16": bf16, "steps": args.memory_steps, "threads": args.threads})
         log(f"memory: {label} (child process)")
