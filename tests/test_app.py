@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -87,13 +89,16 @@ def app(bundle_demo, demo_data, tmp_path_factory):
             proc.kill()
             pytest.fail(f"the app did not answer within 180 s:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.5)
+    temp = Path(re.search(r"temporary files in (\S+);", log_path.read_text()).group(1))
+    assert temp.is_dir() and temp.is_relative_to(tempfile.gettempdir())
     yield SimpleNamespace(url=url, proc=proc, log=log_path)
     proc.terminate()
     try:
-        proc.wait(20)
+        proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+    assert not temp.exists(), f"the app left its temporary folder {temp}"
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import atexit
 import ipaddress
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -149,6 +150,10 @@ def _patient_url_ok(url: str, seconds: float = 60.0) -> bool:
         time.sleep(0.5)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def launch(options: AppOptions) -> None:
     """Build the app and serve it until interrupted; the temporary folder is removed at exit."""
     warning = host_warning(options.host, options.port)
@@ -156,6 +161,7 @@ def launch(options: AppOptions) -> None:
         print(warning, file=sys.stderr, flush=True)
     blocks, ctx = build_app(options)
     atexit.register(ctx.workspace.cleanup)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: server closed, temporary folder removed
     gr.networking.url_ok = _patient_url_ok
     print(f"breastgen GUI on http://{options.host}:{options.port} (temporary files in {ctx.workspace.root}; "
           "Ctrl-C stops)", flush=True)
@@ -163,3 +169,4 @@ def launch(options: AppOptions) -> None:
                   allowed_paths=[str(ctx.workspace.root)], theme=gr.themes.Default(**FONTS), css=CSS, quiet=True,
                   ssr_mode=False, show_error=False, inbrowser=False, share=False, mcp_server=False,
                   footer_links=["settings"])
+    ctx.workspace.cleanup()
