@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 
 from breastgen.bundle import run_configs
+from breastgen.data.bci import prepare_bci, stratified_split
 from breastgen.engines.gan import ImageTranslator, eval_mode, translate_files
 from breastgen.errors import BreastGenError
 from breastgen.losses import PyramidL1Loss, gaussian_pyramid
@@ -25,7 +25,6 @@ from breastgen.networks.pix2pix import ResnetGenerator, SelfAttention2d, UNetGen
 from conftest import ROOT
 
 BUNDLE = ROOT / "bundles" / "he2ihc_pyramidpix2pix"
-PREPARE = runpy.run_path(str(ROOT / "scripts" / "prepare_bci.py"))
 
 
 # ------------------------------------------------------------------------------------------------ pyramid loss
@@ -175,7 +174,7 @@ def _bci_replica(root: Path, n_train=12, n_test=4) -> Path:
 
 def test_prepare_bci_writes_a_stratified_datalist(tmp_path):
     root = _bci_replica(tmp_path / "BCI")
-    path = PREPARE["prepare_bci"](root, val_fraction=0.25, seed=3)
+    path = prepare_bci(root, val_fraction=0.25, seed=3)
     assert path == root.resolve() / "he2ihc_datalist.json"
     d = json.loads(path.read_text())
     assert [len(d[s]) for s in ("training", "validation", "test")] == [8, 4, 4]  # round(0.25 * 3) = 1 per score
@@ -185,20 +184,20 @@ def test_prepare_bci_writes_a_stratified_datalist(tmp_path):
                for s in d.values() for e in s)
     names = {e["name"] for e in d["training"]} | {e["name"] for e in d["validation"]}
     assert len(names) == 12 and not {e["name"] for e in d["training"]} & {e["name"] for e in d["validation"]}
-    assert PREPARE["prepare_bci"](root, val_fraction=0.25, seed=3).read_text() == path.read_text()  # reproducible
+    assert prepare_bci(root, val_fraction=0.25, seed=3).read_text() == path.read_text()  # reproducible
     # a score with >= 2 pairs always gets a validation pair, whatever the fraction
-    held = PREPARE["stratified_split"]([{"name": str(i), "her2": s} for i, s in enumerate("0011223")], 0.01, 0)[1]
+    held = stratified_split([{"name": str(i), "her2": s} for i, s in enumerate("0011223")], 0.01, 0)[1]
     assert sorted(h["her2"] for h in held) == ["0", "1", "2"]
 
 
-def test_prepare_bci_bad_input_is_one_line_listing_the_files(tmp_path, capsys):
+def test_prepare_bci_bad_input_is_one_line_listing_the_files(tmp_path):
     root = _bci_replica(tmp_path / "BCI")
     (root / "IHC" / "train" / "00001_train_1+.png").unlink()  # unpaired
     _tile(root / "IHC" / "test" / "00002_test_2+.png", size=(16, 12))  # size mismatch
     _tile(root / "HE" / "train" / "00003_train_3+.png", mode="L")  # not RGB
     _tile(root / "HE" / "train" / "00005_train_1+.png", mode="RGBA")  # RGBA is accepted
     with pytest.raises(BreastGenError) as err:
-        PREPARE["prepare_bci"](root)
+        prepare_bci(root)
     msg = str(err.value)
     assert "\n" not in msg
     for part in ("unpaired: HE/train/00001_train_1+.png (no IHC)", "not RGB: HE/train/00003_train_3+.png (mode L)",
@@ -206,10 +205,11 @@ def test_prepare_bci_bad_input_is_one_line_listing_the_files(tmp_path, capsys):
         assert part in msg, msg
     assert not (root / "he2ihc_datalist.json").exists()  # nothing written
 
-    with pytest.raises(SystemExit) as code:  # the command line: one line on stderr, exit code 2
-        PREPARE["main"](["--bci", str(root)])
-    err = capsys.readouterr().err
-    assert code.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    # the command line (a thin wrapper over breastgen.data.bci): one line on stderr, exit code 2
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_bci.py"), "--bci", str(root)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = r.stderr
+    assert r.returncode == 2 and err.count("\n") == 1 and err.startswith("error: "), err
     assert "00001_train_1+.png" in err and "00003_train_3+.png" in err and "00002_test_2+.png" in err
 
 
