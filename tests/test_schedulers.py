@@ -10,7 +10,8 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from scipy import ndimage
 
 from breastgen.errors import BreastGenError
-from breastgen.schedulers import SCHEDULERS, DPMSolverMultistepScheduler, guided_sample, make_scheduler
+from breastgen.schedulers import (SCHEDULERS, DPMSolverMultistepScheduler, check_sampling_request, guided_sample,
+                                  make_scheduler, seeded_noise)
 
 # ---------------------------------------------------------------- DPM-Solver++ vs the diffusers reference
 
@@ -221,7 +222,7 @@ def test_guided_sample_validation():
         guided_sample(model, _noise(), sched, 5, guidance_scale=-1)
     with pytest.raises(BreastGenError, match="at least 1"):
         guided_sample(model, _noise(), sched, 0)
-    with pytest.raises(BreastGenError, match="DDPM sampling needs"):
+    with pytest.raises(BreastGenError, match="DDPM sampling runs all 100 training steps"):
         guided_sample(model, _noise(), make_scheduler("ddpm", num_train_timesteps=100), 20)
     with pytest.raises(BreastGenError, match="without context"):
         guided_sample(model, _noise(), sched, 5, uncond_context=torch.zeros(1, 3, 8), guidance_scale=2)
@@ -232,6 +233,21 @@ def test_guided_sample_validation():
                       guidance_scale=2)  # fmt: skip
     with pytest.warns(UserWarning, match="ignored"):
         guided_sample(model, _noise(), sched, 3, context=torch.zeros(1, 3, 8), guidance_scale=2)
+    for steps in (2.5, True, "ten", None):  # the check pipelines run before any work, on its own
+        with pytest.raises(BreastGenError, match="must be an integer"):
+            check_sampling_request(sched, steps, 1.0)
+    with pytest.raises(BreastGenError, match="guidance_scale must be >= 0"):
+        check_sampling_request(sched, 5, float("nan"))
+    check_sampling_request(sched, 5.0, 0.0)  # an integral float is fine
+    check_sampling_request(make_scheduler("ddpm", num_train_timesteps=100), 100, 3.0)
+
+
+def test_seeded_noise_depends_on_each_seed_only():
+    a = seeded_noise((3, 4, 4), [5, 9])
+    assert a.shape == (2, 3, 4, 4) and a.dtype == torch.float32 and a.device.type == "cpu"
+    assert torch.equal(a[0], torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(seeded_noise([3, 4, 4], [9])[0], a[1])  # not the batch
+    assert not torch.equal(a[0], a[1])
 
 
 # ---------------------------------------------------------------- image quality of a really trained model

@@ -22,7 +22,7 @@ from ..errors import BreastGenError
 from ..io import atomic_write_json, make_grid, save_png, save_tiff16, to_rows_cols
 from ..io.dicom import write_synthetic_dicom
 from ..prompts import parse_prompt
-from ..schedulers import LDM_SCHEDULE, guided_sample, make_scheduler
+from ..schedulers import LDM_SCHEDULE, guided_sample, make_scheduler, seeded_noise
 
 __all__ = ["LatentDiffusionPipeline", "DiffusionSampleLogger", "torch_dtype", "in_dtype_of", "check_request", "generate_images", "read_prompts"]
 logger = logging.getLogger(__name__)
@@ -73,8 +73,7 @@ class LatentDiffusionPipeline:
 
     def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
         """Gaussian latents, one generator per seed: an image depends on its own seed only, not on its batch."""
-        return torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(s)))
-                            for s in seeds]).to(self.device)
+        return seeded_noise(self.latent_shape, seeds, self.device)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -24,14 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
 from ..data.nuclei import NucleiSegmenter, load_masks, mask_agreement, mask_preview, nucleus_areas
 from ..errors import BreastGenError
 from ..io import atomic_write_json, make_grid, save_png
 from ..metrics.fid import InceptionFeatures, frechet_distance
-from ..schedulers import guided_sample, make_scheduler
+from ..schedulers import check_sampling_request, guided_sample, make_scheduler, seeded_noise
 from .checkpoints import load_checkpoint
 from .perf import Stopwatch
 
@@ -148,7 +147,7 @@ class TilePipeline:
         """Tiles for ``seeds`` (tile k depends on seed k only, not on the batch -- except DDPM's per-step noise)."""
         self.check(labels, masks, len(seeds), sampler, steps, guidance_scale)
         s = self.image_size
-        noise = torch.stack([torch.randn((3, s, s), generator=torch.Generator().manual_seed(int(k))) for k in seeds])
+        noise = seeded_noise((3, s, s), seeds, self.device)
         kwargs: dict[str, Any] = {}
         if self.class_conditional:
             kwargs["class_labels"] = torch.as_tensor([int(c) for c in labels], dtype=torch.long, device=self.device)
@@ -158,7 +157,7 @@ class TilePipeline:
                 kwargs["guidance_scale"] = float(guidance_scale)
         if self.mask_guided:
             kwargs["concat"] = masks.float().to(self.device)
-        x = guided_sample(self.network, noise.to(self.device), self.scheduler(sampler), int(steps),
+        x = guided_sample(self.network, noise, self.scheduler(sampler), int(steps),
                           generator=torch.Generator(device=self.device).manual_seed(int(seeds[0])), progress=progress,
                           **kwargs)
         return ((x.float().clamp(-1.0, 1.0) + 1.0) / 2.0).cpu()
@@ -177,16 +176,10 @@ def check_modes(modes: Sequence[str]) -> list[str]:
 
 
 def check_sampling(pipeline: TilePipeline, sampler: str, steps: int, guidance_scale: float) -> None:
-    """An unknown sampler, a step count that is not an integer >= 1 (or not all training steps for DDPM) and a
-    negative guidance scale are one-line errors, raised before any tile is sampled."""
-    sched = pipeline.scheduler(sampler)  # unknown sampler / schedule -> error
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-        raise BreastGenError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
-    if isinstance(sched, DDPMScheduler) and int(steps) != sched.num_train_timesteps:
-        raise BreastGenError(f"DDPM sampling runs all {sched.num_train_timesteps} training steps, got "
-                             f"num_inference_steps={steps}; use 'ddim' for fewer")
-    if not guidance_scale >= 0:
-        raise BreastGenError(f"guidance_scale must be >= 0 (1 = no guidance), got {guidance_scale}")
+    """An unknown sampler and what :func:`breastgen.schedulers.check_sampling_request` refuses (a step count that
+    is not an integer >= 1, or not all training steps for DDPM; a negative guidance scale) are one-line errors,
+    raised before any tile is sampled."""
+    check_sampling_request(pipeline.scheduler(sampler), steps, guidance_scale)  # unknown sampler / schedule -> error
 
 
 class TileSampleLogger:

@@ -34,7 +34,8 @@ from ..errors import BreastGenError
 from ..io import atomic_write_json, make_grid, save_png, save_png16, save_tiff16, to_rows_cols
 from ..io.dicom import write_synthetic_dicom
 from ..prompts import NORMAL_PROMPT, build_lesion_prompt, parse_lesion_prompt, parse_prompt
-from ..schedulers import LDM_SCHEDULE, guided_sample, make_scheduler, repaint_sample
+from ..schedulers import (LDM_SCHEDULE, check_sampling_request, guided_sample, make_scheduler, repaint_sample,
+                          seeded_noise)
 from .conditional import ConditionalPrepareBatch
 
 __all__ = ["context_window", "crop_window", "random_mask", "box_size_range", "latent_mask", "paste_back",
@@ -399,11 +400,8 @@ class InpaintingPipeline:
             unknown = self.tokenizer.unknown_words(p) if hasattr(self.tokenizer, "unknown_words") and p else []
             if unknown:
                 raise BreastGenError(f"prompt {p!r} has words the model was not built with: {', '.join(unknown)}")
-        if not guidance_scale >= 0:
-            raise BreastGenError(f"guidance scale must be >= 0, got {guidance_scale}")
-        if int(num_inference_steps) < 1:
-            raise BreastGenError(f"number of steps must be >= 1, got {num_inference_steps}")
-        make_scheduler(sampler, **self.schedule)
+        # unknown sampler, bad step count (DDPM: all training steps) or guidance -> one-line error before any work
+        check_sampling_request(make_scheduler(sampler, **self.schedule), num_inference_steps, guidance_scale)
         return m
 
     def window(self, mask: np.ndarray) -> tuple[int, int, int]:
@@ -441,7 +439,7 @@ class InpaintingPipeline:
         mu, _ = self.autoencoder.encode(torch.cat([x, x * (mk < 0.5)]))
         z_img, z_masked = (mu * self.scale_value).chunk(2)
         ml = latent_mask(mk, z_img.shape[-1])
-        noise = torch.randn(z_img.shape[1:], generator=torch.Generator().manual_seed(int(seed)))[None].to(self.device)
+        noise = seeded_noise(z_img.shape[1:], [seed], self.device)
         tokens = self.tokenizer([prompt, negative_prompt or ""]).to(self.device)
         emb = self.network.encode(tokens) if hasattr(self.network, "encode") else tokens
         scheduler = make_scheduler(sampler, **self.schedule)

@@ -20,9 +20,10 @@ from monai.networks.schedulers.ddpm import DDPMPredictionType
 from breastgen.errors import BreastGenError
 
 from .dpm_solver import DPMSolverMultistepScheduler
-from .sampling import guided_sample, repaint_sample
+from .sampling import check_sampling_request, guided_sample, repaint_sample, seeded_noise
 
-__all__ = ["SCHEDULERS", "LDM_SCHEDULE", "ALIASES", "make_scheduler", "DPMSolverMultistepScheduler", "guided_sample", "repaint_sample"]
+__all__ = ["SCHEDULERS", "LDM_SCHEDULE", "ALIASES", "make_scheduler", "DPMSolverMultistepScheduler", "guided_sample",
+           "repaint_sample", "check_sampling_request", "seeded_noise"]
 
 SCHEDULERS = ("ddpm", "ddim", "dpm++2m")
 # the latent-diffusion training schedule (Stable Diffusion's): the default of every latent pipeline

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from monai.networks.schedulers import DDPMScheduler, Scheduler
 
 from breastgen.errors import BreastGenError
 
-__all__ = ["guided_sample", "repaint_sample"]
+__all__ = ["guided_sample", "repaint_sample", "check_sampling_request", "seeded_noise"]
 
 
 def _to_batch(x: torch.Tensor | None, batch: int, name: str) -> torch.Tensor | None:
@@ -85,7 +85,7 @@ def guided_sample(
     Returns:
         The final sample, shaped like ``noise``.
     """
-    _check_request(scheduler, num_inference_steps, guidance_scale)
+    check_sampling_request(scheduler, num_inference_steps, guidance_scale)
     step_model = _GuidedStep(model, noise, guidance_scale, context, uncond_context, class_labels,
                              uncond_class_labels, concat)
     scheduler.set_timesteps(int(num_inference_steps), device=noise.device)
@@ -99,8 +99,15 @@ def guided_sample(
     return x
 
 
-def _check_request(scheduler: Scheduler, num_inference_steps: int, guidance_scale: float) -> None:
-    if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps:
+def check_sampling_request(scheduler: Scheduler, num_inference_steps: int, guidance_scale: float) -> None:
+    """One-line :class:`~breastgen.errors.BreastGenError` unless ``num_inference_steps`` is an integer >= 1 (all
+    ``num_train_timesteps`` for MONAI's DDPM) and ``guidance_scale >= 0``; run by :func:`guided_sample` and
+    :func:`repaint_sample`, and by pipelines that check a request before any work."""
+    try:
+        integral = not isinstance(num_inference_steps, bool) and int(num_inference_steps) == num_inference_steps
+    except (TypeError, ValueError):
+        integral = False
+    if not integral:
         raise BreastGenError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
     if num_inference_steps < 1:
         raise BreastGenError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
@@ -109,9 +116,16 @@ def _check_request(scheduler: Scheduler, num_inference_steps: int, guidance_scal
     if isinstance(scheduler, DDPMScheduler) and num_inference_steps != scheduler.num_train_timesteps:
         # MONAI's DDPM always steps t -> t-1, so skipping timesteps leaves the samples noisy
         raise BreastGenError(
-            f"DDPM sampling needs num_inference_steps == num_train_timesteps ({scheduler.num_train_timesteps}), "
-            f"got {num_inference_steps}; use 'ddim' or 'dpm++2m' for fewer steps"
+            f"DDPM sampling runs all {scheduler.num_train_timesteps} training steps (num_inference_steps == "
+            f"num_train_timesteps), got num_inference_steps={num_inference_steps}; use 'ddim' or 'dpm++2m' for fewer"
         )
+
+
+def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: str | torch.device = "cpu") -> torch.Tensor:
+    """Initial Gaussian noise ``(len(seeds), *shape)`` on ``device``, one CPU generator per seed: sample k depends on
+    ``seeds[k]`` only -- not on its batch, nor on the device."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds]).to(device)
 
 
 class _GuidedStep:
@@ -204,7 +218,7 @@ def repaint_sample(
         raise BreastGenError(f"known latent shape {tuple(known.shape)} differs from the noise {tuple(noise.shape)}")
     if mask.shape[0] not in (1, noise.shape[0]) or mask.shape[2:] != noise.shape[2:]:
         raise BreastGenError(f"mask shape {tuple(mask.shape)} does not match the noise {tuple(noise.shape)}")
-    _check_request(scheduler, num_inference_steps, guidance_scale)
+    check_sampling_request(scheduler, num_inference_steps, guidance_scale)
     step_model = _GuidedStep(model, noise, guidance_scale, context, uncond_context, None, None, None)
     scheduler.set_timesteps(int(num_inference_steps), device=noise.device)
     timesteps = [int(t) for t in scheduler.timesteps]
