@@ -96,8 +96,9 @@ def test_same_seed_same_image_and_negative_prompt_matters(pipeline):
 @pytest.mark.parametrize("kwargs,needle", [
     ({"prompts": ["a canon mammogram"]}, "unknown vendor 'canon'"),
     ({"prompts": ["a mammogram with huge area"]}, "unknown area 'huge'"),
-    ({"guidance_scale": -1.0}, "guidance scale must be >= 0"),
-    ({"num_inference_steps": 0}, "number of steps must be >= 1"),
+    ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
+    ({"num_inference_steps": 0}, "num_inference_steps must be at least 1"),
+    ({"sampler": "ddpm", "num_inference_steps": 20}, "DDPM sampling runs all 1000 training steps"),
     ({"sampler": "euler"}, "unknown sampler 'euler'"),
     ({"laterality": "X"}, "unknown laterality"),
 ])

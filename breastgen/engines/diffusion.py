@@ -22,7 +22,7 @@ from ..errors import BreastGenError
 from ..io import atomic_write_json, make_grid, save_png, save_tiff16, to_rows_cols
 from ..io.dicom import write_synthetic_dicom
 from ..prompts import parse_prompt
-from ..schedulers import LDM_SCHEDULE, guided_sample, make_scheduler, seeded_noise
+from ..schedulers import LDM_SCHEDULE, check_sampling_request, guided_sample, make_scheduler, seeded_noise
 
 __all__ = ["LatentDiffusionPipeline", "DiffusionSampleLogger", "torch_dtype", "in_dtype_of", "check_request", "generate_images", "read_prompts"]
 logger = logging.getLogger(__name__)
@@ -167,10 +167,7 @@ def check_request(pipeline: LatentDiffusionPipeline, prompts: Sequence[str], neg
     if negative_prompt and hasattr(pipeline.tokenizer, "unknown_words") and pipeline.tokenizer.unknown_words(negative_prompt):
         logger.warning("negative prompt words outside the model's vocabulary are ignored: %s",
                        ", ".join(pipeline.tokenizer.unknown_words(negative_prompt)))
-    if not guidance_scale >= 0:
-        raise BreastGenError(f"guidance scale must be >= 0, got {guidance_scale}")
-    if int(num_inference_steps) < 1:
-        raise BreastGenError(f"number of steps must be >= 1, got {num_inference_steps}")
+    check_sampling_request(pipeline.scheduler(sampler), num_inference_steps, guidance_scale)  # + unknown sampler
     if int(num_samples) < 1:
         raise BreastGenError(f"num_samples must be >= 1, got {num_samples}")
     if str(laterality).upper() not in ("L", "R"):
@@ -178,7 +175,6 @@ def check_request(pipeline: LatentDiffusionPipeline, prompts: Sequence[str], neg
     bad = set(formats) - {"png", "tiff", "dcm"}
     if bad:
         raise BreastGenError(f"unknown output format(s) {sorted(bad)}; allowed: 'png', 'tiff', 'dcm'")
-    pipeline.scheduler(sampler)  # unknown sampler -> error before any work
     return prompts
 
 
