@@ -11,6 +11,7 @@
   process's CPU time excludes the time it was descheduled, so it is far less noisy than wall time.
 * :func:`timed` / :func:`median` -- wall-clock timing of repeated calls.
 * :func:`load_average` -- ``os.getloadavg()`` rounded, to be reported with every figure on a shared machine.
+* :func:`write_doc_block` -- replace a benchmark's marked block in a Markdown file (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 from ..errors import BreastGenError
 
 __all__ = ["num_threads", "physical_cores", "to_channels_last", "matmul_gflops", "count_flops", "CallCounter",
-           "Stopwatch", "timed", "median", "load_average"]
+           "Stopwatch", "timed", "median", "load_average", "write_doc_block"]
 
 
 def physical_cores() -> int:
@@ -183,3 +184,21 @@ def load_average() -> tuple[float, float, float]:
         return tuple(round(v, 2) for v in os.getloadavg())  # type: ignore[return-value]
     except (AttributeError, OSError):
         return (float("nan"),) * 3  # type: ignore[return-value]
+
+
+def write_doc_block(path: str | os.PathLike, name: str, body: str) -> None:
+    """Put ``body`` between ``<!-- <name>:start -->`` and ``<!-- <name>:end -->`` in the Markdown file ``path``
+    (replacing what was there, or appending the block), written atomically; the rest of the file is kept."""
+    from pathlib import Path
+
+    from ..io.atomic import atomic_write_text
+
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text and text.index(start) < text.index(end):
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write_text(path, text)
