@@ -15,6 +15,15 @@ BUNDLES = sorted(p for p in (ROOT / "bundles").glob("*") if (p / "configs").is_d
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
+def run_bundle_cli(bundle: Path, configs: list[str], *args: str) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` with ``bundle``'s ``configs`` (names in its configs/) and further arguments,
+    one torch thread; returns the finished process (stdout / stderr as text)."""
+    files = [str(Path(bundle) / "configs" / f) for f in configs]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files), "--bundle_root", str(bundle),
+           *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def free_port() -> int:
     """A free localhost TCP port (torchrun rendezvous, servers): fixed ports collide between parallel workers."""
     import socket
