@@ -27,7 +27,7 @@ def sampling_controls(prefix: str, *, sampler: str, steps: int, guidance: float,
     with gr.Row():
         out = {"guidance": gr.Slider(0.0, guidance_max, value=float(guidance), step=0.5, label="Guidance scale",
                                      elem_id=f"{prefix}-guidance"),
-               "steps": gr.Slider(1, 100, value=int(steps), step=1, label="Steps", elem_id=f"{prefix}-steps")}
+               "steps": gr.Slider(1, 1000, value=int(steps), step=1, label="Steps", elem_id=f"{prefix}-steps")}
     with gr.Row():
         out["sampler"] = gr.Dropdown(list(SCHEDULERS), value=sampler, label="Sampler", elem_id=f"{prefix}-sampler",
                                      info="ddpm runs every training step; ddim ~50, dpm++2m ~20")
