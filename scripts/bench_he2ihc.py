@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from breastgen.engines.gan import ImageTranslator
+from breastgen.engines.perf import write_doc_block
 from breastgen.errors import BreastGenError, main_guard
-from breastgen.io.atomic import atomic_write_text
 from breastgen.networks.pix2pix import ResnetGenerator, UNetGenerator
 
-START, END = "<!-- bench_he2ihc:start -->", "<!-- bench_he2ihc:end -->"
+NAME = "bench_he2ihc"  # its block in docs/benchmarks.md
 GENERATORS = {
     "resnet_9blocks": lambda: ResnetGenerator(ngf=64, n_blocks=9, dropout=0.5),
     "resnet_9blocks_attention": lambda: ResnetGenerator(ngf=64, n_blocks=9, dropout=0.5, attention=True,
@@ -64,7 +64,7 @@ def bench(name: str, size: int, roi: int, repeats: int) -> dict:
 
 
 def markdown(rows: list[dict], args: argparse.Namespace, load: tuple[float, float], cmd: str) -> str:
-    lines = [START, "### HE -> IHC generator inference, he2ihc_pyramidpix2pix (`scripts/bench_he2ihc.py`)", "",
+    lines = ["### HE -> IHC generator inference, he2ihc_pyramidpix2pix (`scripts/bench_he2ihc.py`)", "",
              f"Milliseconds per {args.size}x{args.size} RGB tile (median of {args.repeats} runs after a warm-up), "
              f"{torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} logical CPU(s), torch {torch.__version__}. \"sliding\" is what `inference.json` / "
@@ -77,19 +77,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, load: tuple[float, floa
               + (f" on {os.cpu_count()} CPUs: the machine was shared with other jobs during the measurement, so "
                  "these figures are pessimistic; re-measure on an idle machine before planning a deployment."
                  if max(load) > 0.5 * (os.cpu_count() or 1) else "."),
-              "", "Command:", "", "```bash", cmd, "```", END]
+              "", "Command:", "", "```bash", cmd, "```"]
     return "\n".join(lines)
-
-
-def update_doc(doc: Path, block: str) -> None:
-    text = doc.read_text(encoding="utf-8") if doc.is_file() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    atomic_write_text(doc, text)
 
 
 @main_guard
@@ -115,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     block = markdown(rows, args, (load0, load1), cmd)
     print(block)
     if args.write:
-        update_doc(args.write, block)
+        write_doc_block(args.write, NAME, block)
 
 
 if __name__ == "__main__":

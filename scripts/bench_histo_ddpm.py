@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from breastgen.errors import BreastGenError, main_guard  # noqa: E402
 
 BUNDLE = ROOT / "bundles" / "histo_ddpm_atypia"
-START, END = "<!-- bench_histo_ddpm:start -->", "<!-- bench_histo_ddpm:end -->"
+NAME = "bench_histo_ddpm"  # its block in docs/benchmarks.md
 
 
 def parse_args(argv):
@@ -40,19 +40,6 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def write_block(path: Path, block: str) -> None:
-    from breastgen.io import atomic_write_text
-
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    body = f"{START}\n{block.rstrip()}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + body + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    atomic_write_text(path, text)
-
-
 @main_guard
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
@@ -60,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     from monai.bundle import ConfigParser
 
     from breastgen.bundle import run_configs
+    from breastgen.engines.perf import write_doc_block
     from breastgen.metrics import InceptionFeatures, frechet_distance
 
     if args.tiles < 2:
@@ -127,8 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     block = "\n".join(lines)
     print(block)
     if args.write:
-        write_block(args.write, block)
-        print(f"wrote the bench_histo_ddpm block of {args.write}")
+        write_doc_block(args.write, NAME, block)
+        print(f"wrote the {NAME} block of {args.write}")
     return {"rows": rows, "load": load}
 
 

@@ -24,6 +24,7 @@ from monai.transforms import Compose, EnsureTyped, LoadImaged
 
 from breastgen.data.readers import MammoImageReader
 from breastgen.data.transforms import FlipToLateralityd, ResizeToSquared, ScaleIntensityMammod
+from breastgen.engines.perf import write_doc_block
 from breastgen.errors import main_guard
 from breastgen.io.dicom import write_mg_dicom
 
@@ -96,8 +97,7 @@ def cache_speedups(paths: list[Path], cache_dir: Path) -> dict[str, tuple[float,
 
 
 def render(results: dict, args) -> str:
-    lines = ["<!-- bench_io:start -->",
-             f"Command: `OMP_NUM_THREADS=1 python scripts/bench_io.py --repeats {args.repeats} --images {args.images}"
+    lines = [f"Command: `OMP_NUM_THREADS=1 python scripts/bench_io.py --repeats {args.repeats} --images {args.images}"
              f" --write docs/benchmarks.md` ({platform.processor() or platform.machine()}, torch "
              f"{torch.__version__}, 1 thread, {time.strftime('%Y-%m-%d')}, load average "
              f"{results['load'][0]:.1f} / {results['load'][1]:.1f} at start / end on 2 cores"
@@ -111,20 +111,7 @@ def render(results: dict, args) -> str:
               "| dataset | epoch 1 s | epoch 2 s | speed-up | goal |", "| --- | --- | --- | --- | --- |"]
     for name, (e1, e2) in results["cache"].items():
         lines.append(f"| {name} | {e1:.2f} | {e2:.3f} | {e1 / max(e2, 1e-9):.0f}x | >= 10x |")
-    lines.append("<!-- bench_io:end -->")
     return "\n".join(lines)
-
-
-def write_section(doc: Path, block: str) -> None:
-    from breastgen.io import atomic_write_text
-
-    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
-    start, end = "<!-- bench_io:start -->", "<!-- bench_io:end -->"
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n## I/O: full-field mammogram to 512^2 tensor\n\n" + block + "\n"
-    atomic_write_text(doc, text)
 
 
 @main_guard
@@ -147,7 +134,7 @@ def main(argv=None) -> None:
     block = render(results, args)
     print(block)
     if args.write:
-        write_section(args.write, block)
+        write_doc_block(args.write, "bench_io", block)
 
 
 if __name__ == "__main__":

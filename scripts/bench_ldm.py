@@ -48,11 +48,11 @@ import breastgen  # noqa: E402  (installs the one-line error hook)
 import breastgen.data.conditioning  # noqa: E402,F401  (configs reference it by attribute)
 import breastgen.engines.diffusion  # noqa: E402,F401
 from breastgen.engines.perf import (CallCounter, Stopwatch, count_flops, load_average, matmul_gflops,  # noqa: E402
-                                    median, num_threads, physical_cores, to_channels_last)
+                                    median, num_threads, physical_cores, to_channels_last, write_doc_block)
 from breastgen.errors import BreastGenError, main_guard  # noqa: E402
 
 BUNDLE = REPO / "bundles" / "mammo_ldm_text2image"
-START, END = "<!-- bench_ldm:start -->", "<!-- bench_ldm:end -->"
+NAME = "bench_ldm"  # its block in docs/benchmarks.md
 PARTS = ("train", "flops", "sample", "fid", "memory")
 PROMPTS = ["a mammogram in CC view with high density and medium area",
            "a hologic mammogram in MLO view with very low density and big area",
@@ -516,7 +516,7 @@ def bench_memory(args) -> dict:
 # ----------------------------------------------------------------------------------------------- report
 def render(results: dict, args, command: str) -> str:
     env = results["env"]
-    L = [START, "### Latent diffusion text-to-mammogram (`scripts/bench_ldm.py`)", "",
+    L = ["### Latent diffusion text-to-mammogram (`scripts/bench_ldm.py`)", "",
          f"Command: `{command}`  ", f"Date {env['date']}; torch {env['torch']}, MONAI {env['monai']}, Python "
          f"{env['python']}, {env['cpu']} ({env['cores']} cores), torch threads {env['threads']} "
          f"(torch default {env['default_threads']}); load average at start {fmt_load(env['load_start'])}, "
@@ -650,7 +650,6 @@ def render(results: dict, args, command: str) -> str:
               "call). A real checkpoint adds what `torch.load` holds while `load_state_dict` copies it (up to "
               "the size of the weights) unless it is loaded with `mmap=True`."]
         L.append("")
-    L.append(END)
     return "\n".join(L)
 
 
@@ -675,17 +674,6 @@ def collect_loads(obj: Any, key: str | None = None) -> list[float]:
 
 def fmt_load(load: Sequence[float]) -> str:
     return " / ".join(f"{x:.1f}" for x in load)
-
-
-def write_block(path: Path, block: str) -> None:
-    from breastgen.io import atomic_write_text
-
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    if START in old and END in old:
-        new = old[:old.index(START)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    atomic_write_text(path, new)
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -737,7 +725,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         block = render(saved, args, saved["command"])
         print(block)
         if args.write:
-            write_block(args.write, block)
+            write_doc_block(args.write, NAME, block)
         return
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     args.settings = [x.strip() for x in args.settings.split(",") if x.strip()]
@@ -812,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(block)
     log(f"total {results['total_s'] / 60:.1f} min")
     if args.write:
-        write_block(args.write, block)
+        write_doc_block(args.write, NAME, block)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ import numpy as np
 
 from breastgen.data.patches import PatchSpec, cases_from_datalist, extract_cases, find_patches
 from breastgen.data.transforms import breast_mask
+from breastgen.engines.perf import write_doc_block
 from breastgen.errors import main_guard
-from breastgen.io import atomic_write_text
 from breastgen.io.dicom import write_mg_dicom
 
 W, H = 3328, 4084  # columns x rows of a full-field digital mammogram
-START, END = "<!-- bench_patches:start -->", "<!-- bench_patches:end -->"
+NAME = "bench_patches"  # its block in docs/benchmarks.md
 
 
 def full_field(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +88,6 @@ def run(n_images: int, repeats: int) -> dict:
 def block(r: dict, load: tuple[float, float, float]) -> str:
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     return "\n".join([
-        START,
         "### Patch extraction (`scripts/bench_patches.py`)",
         "",
         f"Full-field synthetic 16-bit DICOM mammograms, {W} x {H} (cols x rows), one ROI each; windows 256 x 256, "
@@ -106,17 +105,7 @@ def block(r: dict, load: tuple[float, float, float]) -> str:
         f"Measured on a machine shared with other jobs (load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
         "on 2 cores at the start): figures are pessimistic. Command: "
         "`OMP_NUM_THREADS=1 python scripts/bench_patches.py --images 3 --repeats 3 --write docs/benchmarks.md`.",
-        END,
     ])
-
-
-def write_block(path: Path, text: str) -> None:
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    if START in old and END in old:
-        new = old[:old.index(START)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    atomic_write_text(path, new)
 
 
 @main_guard
@@ -134,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     text = block(r, load)
     print(text)
     if args.write:
-        write_block(args.write, text)
+        write_doc_block(args.write, NAME, text)
 
 
 if __name__ == "__main__":

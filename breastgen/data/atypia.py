@@ -129,9 +129,10 @@ def select_class(datalist: Sequence[Mapping], train_class: int | None, num_class
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def _listing(items: Sequence[str]) -> str:
-    more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
-    return ", ".join(items[:MAX_LISTED]) + more
+def _listing(items: Sequence[str], limit: int = MAX_LISTED) -> str:
+    """The first ``limit`` items, comma-separated, and how many more there are."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 def _images_in(folder: Path, recursive: bool = False) -> list[Path]:

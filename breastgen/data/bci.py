@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BreastGenError
+from .atypia import _listing
 from .datalists import write_datalist
 
 __all__ = ["HER2_SCORES", "scan_bci", "stratified_split", "prepare_bci"]
@@ -32,11 +33,6 @@ HER2_SCORES = ("0", "1+", "2+", "3+")
 SPLITS = ("train", "test")
 NAME = re.compile(r"^(?P<id>\d+)_(?P<split>train|test)_(?P<score>0|1\+|2\+|3\+)\.png$", re.IGNORECASE)
 MAX_LISTED = 12
-
-
-def _listing(problems: list[str]) -> str:
-    more = f" and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-    return ", ".join(problems[:MAX_LISTED]) + more
 
 
 def _header(path: Path) -> tuple[str, tuple[int, int]] | str:
@@ -86,7 +82,7 @@ def scan_bci(bci_dir: str | os.PathLike) -> dict[str, list[dict]]:
         ("not RGB", not_rgb), ("HE/IHC size mismatch", sizes)) if items]
     if problems:
         n = sum(len(items) for _, items in problems)
-        listing = "; ".join(f"{what}: {_listing(items)}" for what, items in problems)
+        listing = "; ".join(f"{what}: {_listing(items, MAX_LISTED)}" for what, items in problems)
         raise BreastGenError(f"{n} bad BCI file(s): {listing}", root)
     if not pairs["train"]:
         raise BreastGenError("no HE/IHC pairs in HE/train", root)
