@@ -647,8 +647,9 @@ def render(results: dict, args, command: str) -> str:
         L += ["", "Peak RSS is the child's VmHWM (`/proc/self/status`); `after building` includes the Python / "
               "torch runtime. bf16: UNet and text encoder built directly in bfloat16 (`torch.set_default_dtype`, "
               "so no fp32 copy ever exists), latents, scheduler and autoencoder stay fp32 (inputs cast per UNet "
-              "call). A real checkpoint adds what `torch.load` holds while `load_state_dict` copies it (up to "
-              "the size of the weights) unless it is loaded with `mmap=True`."]
+              "call). A real checkpoint is memory-mapped by `breastgen.engines.load_checkpoint` (`mmap=True`, "
+              "copy-on-write): `load_state_dict` copies the weights from the file's pages, which the kernel may "
+              "drop again, instead of from a second full copy in memory."]
         L.append("")
     return "\n".join(L)
 
