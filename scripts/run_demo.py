@@ -10,6 +10,7 @@ import argparse
 import html
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -107,37 +108,47 @@ def run_all(bundles: list[Path], data: Path, out: Path, jobs: int = 1) -> dict[s
     running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
     results: dict[str, dict] = {}
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if jobs > 1 else dict(os.environ)
-    while pending or running:
-        for b in list(pending):
-            failed = [n for n in needs[b.name] if results.get(n, {}).get("error")]
-            if failed:
-                results[b.name] = {"error": f"needs the {', '.join(failed)} demo, which failed"}
-                pending.remove(b)
-            elif len(running) < max(1, jobs) and needs[b.name] <= {n for n in results if "stages" in results[n]}:
-                log = out / b.name / "demo.log"
-                log.parent.mkdir(parents=True, exist_ok=True)
-                print(f"[demo] {b.name} ...", flush=True)
-                with open(log, "w", encoding="utf-8") as fh:
-                    proc = subprocess.Popen([sys.executable, "-m", "breastgen.bundle", "demo", str(b), "--data", str(data),
-                                             "--out", str(out / b.name)], stdout=fh, stderr=subprocess.STDOUT, env=env)
-                running[b.name] = (proc, time.perf_counter(), log)
-                pending.remove(b)
-        for name, (proc, t0, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[name]
-            stages = out / name / "demo_stages.json"
-            if proc.returncode == 0 and stages.is_file():
-                results[name] = {"stages": json.loads(stages.read_text(encoding="utf-8")),
-                                 "seconds": round(time.perf_counter() - t0, 1)}
-                print(f"[demo] {name} done in {results[name]['seconds']:.0f} s", flush=True)
-            else:
-                lines = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-                reason = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
-                results[name] = {"error": f"{reason} (log: {log})"}
-                print(f"[demo] {name} failed: {results[name]['error']}", file=sys.stderr, flush=True)
-        time.sleep(0.5)
+    try:
+        while pending or running:
+            for b in list(pending):
+                failed = [n for n in needs[b.name] if results.get(n, {}).get("error")]
+                if failed:
+                    results[b.name] = {"error": f"needs the {', '.join(failed)} demo, which failed"}
+                    pending.remove(b)
+                elif len(running) < max(1, jobs) and needs[b.name] <= {n for n in results if "stages" in results[n]}:
+                    log = out / b.name / "demo.log"
+                    log.parent.mkdir(parents=True, exist_ok=True)
+                    print(f"[demo] {b.name} ...", flush=True)
+                    with open(log, "w", encoding="utf-8") as fh:
+                        cmd = [sys.executable, "-m", "breastgen.bundle", "demo", str(b), "--data", str(data),
+                               "--out", str(out / b.name)]
+                        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+                    running[b.name] = (proc, time.perf_counter(), log)
+                    pending.remove(b)
+            for name, (proc, t0, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                stages = out / name / "demo_stages.json"
+                if proc.returncode == 0 and stages.is_file():
+                    results[name] = {"stages": json.loads(stages.read_text(encoding="utf-8")),
+                                     "seconds": round(time.perf_counter() - t0, 1)}
+                    print(f"[demo] {name} done in {results[name]['seconds']:.0f} s", flush=True)
+                else:
+                    lines = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+                    last = lines[-1] if lines else ""
+                    reason = next((ln for ln in reversed(lines) if ln.startswith("error:")), last)
+                    results[name] = {"error": f"{reason} (log: {log})"}
+                    print(f"[demo] {name} failed: {results[name]['error']}", file=sys.stderr, flush=True)
+            time.sleep(0.5)
+    finally:  # interrupted (Ctrl-C, SIGTERM): no orphaned demo processes
+        for proc, _, _ in running.values():
+            proc.terminate()
     return results
+
+
+def _sigterm(signum, frame):  # SIGTERM like Ctrl-C, so run_all stops its demo processes
+    raise KeyboardInterrupt
 
 
 @main_guard
@@ -151,6 +162,7 @@ def main(argv=None) -> int:
                     help="bundle demos run at once, one thread each (default: min(2, cores)); 1 = one after the "
                          "other with all threads")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
     t0 = time.perf_counter()
     if not args.skip_data or not (args.data / "mammo" / "datalist.json").is_file():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), "--out", str(args.data)], check=True)

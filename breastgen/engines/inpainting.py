@@ -38,7 +38,7 @@ from ..schedulers import (LDM_SCHEDULE, check_sampling_request, guided_sample, m
                           seeded_noise)
 from .conditional import ConditionalPrepareBatch
 
-__all__ = ["context_window", "crop_window", "random_mask", "box_size_range", "latent_mask", "paste_back",
+__all__ = ["context_window", "crop_window", "random_mask", "box_size_range", "oversample_lesions", "latent_mask", "paste_back",
            "InpaintWindowd", "InpaintPrepareBatch", "fit_latent_scale", "init_from_text2image",
            "InpaintingPipeline", "read_mask", "inpaint_files", "seam_ratio", "evaluate_inpainting"]
 logger = logging.getLogger(__name__)
@@ -154,6 +154,18 @@ def box_size_range(entries: Sequence[Mapping], percentiles: Sequence[float] = (2
         return [float(v) for v in default]
     lo, hi = np.percentile(sides, list(percentiles))
     return [float(lo), float(max(hi, lo + 1))]
+
+
+def oversample_lesions(entries: Sequence[Mapping], repeats: int = 1, label_key: str = "label") -> list[dict]:
+    """The training list with every lesion entry (label not 'normal') ``repeats`` times: lesion-free images only
+    teach normal-tissue fills, so a set with few lesions needs them more often per epoch."""
+    if int(repeats) < 1:
+        raise BreastGenError(f"lesion_repeats must be >= 1, got {repeats}")
+    out = []
+    for e in entries:
+        lesion = str(e.get(label_key) or "normal").lower() not in ("normal", "none", "")
+        out += [dict(e) for _ in range(int(repeats) if lesion else 1)]
+    return out
 
 
 def _feather_alpha(mask: np.ndarray, feather: int) -> np.ndarray:
@@ -357,17 +369,21 @@ class InpaintingPipeline:
         feather: blend width in full-resolution pixels; farther from the mask the input is kept exactly.
         schedule: the training noise schedule (as in ``LatentDiffusionPipeline``).
         min_breast_fraction: refuse masks with less of their area on breast tissue.
+        match_intensity: map the decoded window through the gain and offset that best fit its known (unmasked)
+            pixels to the input's (least squares, gain clipped to 0.5-2): removes the autoencoder's intensity
+            bias on the window (e.g. a darker reconstruction), which would otherwise show as a darker fill.
     """
 
     def __init__(self, autoencoder: nn.Module, network: nn.Module, tokenizer: Any, scale: LatentScaleFactor | float,
                  image_size: int, mode: str = "model", context: float = 3.0, min_window: int = 64,
                  feather: int = 8, schedule: Mapping | None = None, device: str | torch.device = "cpu",
-                 min_breast_fraction: float = 0.5):
+                 min_breast_fraction: float = 0.5, match_intensity: bool = True):
         if mode not in ("model", "repaint"):
             raise BreastGenError(f"unknown inpainting mode {mode!r}; allowed: 'model', 'repaint'")
         self.autoencoder, self.network, self.tokenizer, self.scale = autoencoder, network, tokenizer, scale
         self.image_size, self.mode, self.context, self.min_window = int(image_size), mode, float(context), int(min_window)
         self.feather, self.min_breast_fraction = int(feather), float(min_breast_fraction)
+        self.match_intensity = bool(match_intensity)
         self.schedule = {**LDM_SCHEDULE, **(schedule or {})}
         self.device = torch.device(device)
 
@@ -453,6 +469,9 @@ class InpaintingPipeline:
                                resample=resample, context=emb[:1], uncond_context=emb[1:],
                                guidance_scale=guidance_scale, generator=gen, progress=progress)
         g = self.autoencoder.decode_stage_2_outputs(z / self.scale_value).float().clamp(0, 1)
+        if self.match_intensity:
+            inside = _resize(crop_window(torch.ones_like(x_full)[None], win)[None], self.image_size).to(g) > 0.999
+            g = _match_known(g, x, (mk < 0.5) & inside)
         g = F.interpolate(g, size=(win[2], win[2]), mode="bilinear", align_corners=False)[0, 0].cpu()
         # window -> full image (values outside the window are never used: the window covers the dilated mask)
         full = torch.zeros_like(x_full)
@@ -466,6 +485,17 @@ class InpaintingPipeline:
         out = paste_back(image, generated, m, self.feather)
         win_orig = (w - x0 - side, y0, side) if flipped else win
         return {"image": out, "mask": m, "window": win_orig, "flipped": flipped}
+
+
+def _match_known(decoded: torch.Tensor, target: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """``a * decoded + b`` with (a, b) the least-squares fit of ``decoded`` to ``target`` on the ``known`` pixels."""
+    d, t = decoded[known].double(), target[known].double()
+    if d.numel() < 16 or float(d.var()) < 1e-10:
+        return decoded
+    a = float(((d - d.mean()) * (t - t.mean())).mean() / d.var(unbiased=False))
+    a = min(max(a, 0.5), 2.0)
+    b = float(t.mean() - a * d.mean())
+    return (a * decoded + b).clamp(0, 1)
 
 
 def read_mask(spec: Any, image: np.ndarray, rng: np.random.Generator | None = None,
