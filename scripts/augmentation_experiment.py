@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from breastgen.errors import BreastGenError, main_guard  # noqa: E402
+from breastgen.metrics.classification import t_interval  # noqa: E402
 
 CIGAN = ROOT / "bundles" / "mammo_cigan_infill"
 CLASSIFIER = ROOT / "bundles" / "mammo_patch_classifier"
@@ -52,19 +53,6 @@ PRESETS = {  # patch extraction, classifier and ciGAN settings per preset
     "demo": dict(size=64, stride=16, max_normal=8, eval_sections=["validation", "test"], widen=0.125),
 }
 logger = logging.getLogger("augmentation_experiment")
-
-
-def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of the t confidence interval (NaN half-width for a single value)."""
-    from scipy import stats
-
-    v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    if len(v) == 1:
-        return float(v[0]), float("nan")
-    half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
-    return float(v.mean()), float(half)
 
 
 def fmt(mean: float, half: float) -> str:
@@ -214,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         r = [row for row in rows if row["arm"] == arm]
         entry = {"arm": arm, "label": LABELS[arm], "n_seeds": len(r)}
         for k in METRICS:
-            entry[f"{k}_mean"], entry[f"{k}_ci95"] = mean_ci([float(x[k]) for x in r])
+            entry[f"{k}_mean"], entry[f"{k}_ci95"] = t_interval([float(x[k]) for x in r])
         entry.update({f"paper_{k}": v for k, v in zip(METRICS, PAPER[arm])})
         table.append(entry)
     for name, data in (("runs.csv", rows), ("results.csv", table)):

@@ -35,9 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, Randomizable
+from monai.transforms import MapTransform
 
 from ..errors import BreastGenError
+from .conditioning import DropoutTransformd
 from .datalists import SECTIONS, write_datalist
 from .histology import check_rgb, tile_frame
 from .transforms import source_of
@@ -91,20 +92,16 @@ class ClassLabeld(MapTransform):
         return d
 
 
-class ClassDropoutd(Randomizable, MapTransform):
+class ClassDropoutd(DropoutTransformd):
     """With probability ``prob`` replace the class label by the null class ``num_classes`` (the unconditional
     branch of classifier-free guidance; the network then needs ``num_class_embeds = num_classes + 1``)."""
 
+    what = "class dropout"
+
     def __init__(self, keys: KeysCollection = "label", num_classes: int = 3, prob: float = 0.1,
                  allow_missing_keys: bool = False):
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        if not 0.0 <= prob <= 1.0:
-            raise BreastGenError(f"class dropout probability must be in [0, 1], got {prob}")
-        self.num_classes, self.prob = int(num_classes), float(prob)
-        self._drop = False
-
-    def randomize(self, data: Any = None) -> None:
-        self._drop = self.R.random() < self.prob
+        super().__init__(keys, float(prob), allow_missing_keys)
+        self.num_classes = int(num_classes)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)

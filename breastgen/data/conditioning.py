@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import BreastGenError
 from ..prompts import build_prompt, parse_prompt
 
-__all__ = ["PromptDropoutd", "AttributeDropoutd", "TokenizePromptd", "EncodeLatentd", "SampleLatentd", "LatentScaleFactor", "scale_value",
+__all__ = ["DropoutTransformd", "PromptDropoutd", "AttributeDropoutd", "TokenizePromptd", "EncodeLatentd", "SampleLatentd", "LatentScaleFactor", "scale_value",
            "check_prompt"]
 
 
@@ -40,18 +40,30 @@ def check_prompt(prompt: str, tokenizer: Any = None, vendors: Any = None) -> str
     return prompt
 
 
-class PromptDropoutd(Randomizable, MapTransform):
-    """Replace the prompt with the empty prompt with probability ``prob`` (classifier-free guidance training)."""
+class DropoutTransformd(Randomizable, MapTransform):
+    """Base of the conditioning dropouts (classifier-free guidance training): ``prob`` checked to lie in [0, 1];
+    ``randomize`` draws whether this sample's conditioning is dropped (``self._drop``)."""
 
-    def __init__(self, keys: KeysCollection = "prompt", prob: float = 0.1, allow_missing_keys: bool = False):
+    what = "dropout"
+
+    def __init__(self, keys: KeysCollection, prob: float, allow_missing_keys: bool = False):
         MapTransform.__init__(self, keys, allow_missing_keys)
         if not 0.0 <= prob <= 1.0:
-            raise BreastGenError(f"prompt dropout probability must be in [0, 1], got {prob}")
+            raise BreastGenError(f"{self.what} probability must be in [0, 1], got {prob}")
         self.prob = prob
         self._drop = False
 
     def randomize(self, data: Any = None) -> None:
         self._drop = self.R.random() < self.prob
+
+
+class PromptDropoutd(DropoutTransformd):
+    """Replace the prompt with the empty prompt with probability ``prob`` (classifier-free guidance training)."""
+
+    what = "prompt dropout"
+
+    def __init__(self, keys: KeysCollection = "prompt", prob: float = 0.1, allow_missing_keys: bool = False):
+        super().__init__(keys, prob, allow_missing_keys)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
@@ -62,17 +74,17 @@ class PromptDropoutd(Randomizable, MapTransform):
         return d
 
 
-class AttributeDropoutd(Randomizable, MapTransform):
+class AttributeDropoutd(DropoutTransformd):
     """Leave out each attribute of a MAM-E prompt (vendor, view, density, area) with probability ``prob``, so
     that the model also learns partial prompts such as 'a mammogram with small area'. Prompts outside the
     grammar pass unchanged."""
 
+    what = "attribute dropout"
+
     def __init__(self, keys: KeysCollection = "prompt", prob: float = 0.2, vendors: Any = None,
                  allow_missing_keys: bool = False):
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        if not 0.0 <= prob <= 1.0:
-            raise BreastGenError(f"attribute dropout probability must be in [0, 1], got {prob}")
-        self.prob, self.vendors = prob, vendors
+        super().__init__(keys, prob, allow_missing_keys)
+        self.vendors = vendors
         self._keep = np.ones(4, dtype=bool)
 
     def randomize(self, data: Any = None) -> None:
