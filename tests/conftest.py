@@ -15,13 +15,18 @@ BUNDLES = sorted(p for p in (ROOT / "bundles").glob("*") if (p / "configs").is_d
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
-def run_bundle_cli(bundle: Path, configs: list[str], *args: str) -> subprocess.CompletedProcess:
+def run_bundle_cli(bundle: Path, configs: list[str], *args: str, nproc: int = 1,
+                   timeout: float | None = None) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run`` with ``bundle``'s ``configs`` (names in its configs/) and further arguments,
-    one torch thread; returns the finished process (stdout / stderr as text)."""
+    one torch thread; ``nproc`` > 1 runs it under ``torch.distributed.run`` (CPU processes, gloo, a free port).
+    Returns the finished process (stdout / stderr as text)."""
     files = [str(Path(bundle) / "configs" / f) for f in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files), "--bundle_root", str(bundle),
-           *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"] \
+        if nproc > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "monai.bundle", "run", "--config_file", str(files), "--bundle_root",
+           str(bundle), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=timeout)
 
 
 def free_port() -> int:

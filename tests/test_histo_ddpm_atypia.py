@@ -28,7 +28,7 @@ from breastgen.data.phantoms import make_he_tile
 from breastgen.engines.ema import EMA
 from breastgen.engines.histo_ddpm import generate_tiles
 from breastgen.errors import BreastGenError, find_breastgen_error
-from conftest import ROOT, free_port
+from conftest import ROOT, run_bundle_cli
 
 BUNDLE = ROOT / "bundles" / "histo_ddpm_atypia"
 CONFIGS = BUNDLE / "configs"
@@ -465,11 +465,9 @@ def test_rerunning_training_resumes_from_the_latest_checkpoint(demo_data, tmp_pa
 
 
 def test_multi_gpu_overlay_trains_with_torchrun_on_cpu(demo_data, tmp_path):
-    files = [str(CONFIGS / f) for f in ("train.json", "train_maskguided.json", "demo.json", "multi_gpu_train.json")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "monai.bundle", "run", "--config_file", str(files), "--bundle_root", str(BUNDLE),
-           "--data_dir", str(demo_data), "--output_dir", str(tmp_path), "--epochs", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    r = run_bundle_cli(BUNDLE, ["train.json", "train_maskguided.json", "demo.json", "multi_gpu_train.json"],
+                       "--data_dir", str(demo_data), "--output_dir", str(tmp_path), "--epochs", "1", nproc=2,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     state = torch.load(tmp_path / "models" / "maskguided.pt", weights_only=True)
     assert set(state) == {"network", "ema"} and state["network"]["conv_in.conv.weight"].shape[1] == 3 + 2

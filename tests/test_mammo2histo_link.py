@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from breastgen.linking.index import EmbeddingIndex, model_fingerprint, retrieval
 from breastgen.linking.pairs import (ensure_pairs, items_from_datalist, make_pairs, parse_breakhis_name, read_bcdr,
                                      scan_breakhis, Item)
 from breastgen.networks.linking import ConvAutoencoder, DualInputAutoencoder, MammoToHisto, UNet1D, translate
-from conftest import ROOT, free_port, run_bundle_cli
+from conftest import ROOT, run_bundle_cli
 
 BUNDLE = ROOT / "bundles" / "mammo2histo_link"
 CONFIGS = BUNDLE / "configs"
@@ -497,13 +496,10 @@ def test_cli_index_of_another_autoencoder_is_refused(demo, demo_data, tmp_path):
 
 
 def test_multi_gpu_overlay_trains_with_torchrun_on_cpu(demo, demo_data, tmp_path):
-    files = [str(CONFIGS / f) for f in ("train.json", "train_autoencoder.json", "demo.json", "multi_gpu_train.json")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "monai.bundle", "run", "--config_file", str(files), "--bundle_root", str(BUNDLE),
-           "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
-           "--data_dir", str(demo_data), "--output_dir", str(tmp_path), "--ae_epochs", "2",
-           "--pairs_file", str(demo / "work" / "pairs" / "pairs.json")]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    r = run_bundle_cli(BUNDLE, ["train.json", "train_autoencoder.json", "demo.json", "multi_gpu_train.json"],
+                       "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
+                       "--data_dir", str(demo_data), "--output_dir", str(tmp_path), "--ae_epochs", "2",
+                       "--pairs_file", str(demo / "work" / "pairs" / "pairs.json"), nproc=2, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     state = torch.load(tmp_path / "models" / "autoencoder.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # the bare network, not the DDP wrapper

@@ -26,7 +26,7 @@ from breastgen.errors import BreastGenError
 from breastgen.losses.cigan import (BoundaryLoss, CIGANReconstructionLoss, MaskedL1Loss, PerceptualLoss,
                                     VGG19Features, boundary_weight_map, mask_rim, perceptual_weights)
 from breastgen.networks.cigan import CascadedRefinementGenerator, ConditionalPatchDiscriminator
-from conftest import ROOT, free_port
+from conftest import ROOT, run_bundle_cli
 
 BUNDLE = ROOT / "bundles" / "mammo_cigan_infill"
 
@@ -319,14 +319,12 @@ def test_demo_infills_keep_context_and_follow_the_class(bundle_demo):
 def test_multi_gpu_overlay_runs_with_torchrun_gloo(bundle_demo, tmp_path):
     demo_out = bundle_demo(BUNDLE)
     cfg = BUNDLE / "configs"
-    files = [str(cfg / "train.json"), str(cfg / "demo.json"), str(cfg / "multi_gpu_train.json")]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                        "-m", "monai.bundle", "run", "--config_file", json.dumps(files),
-                        "--meta_file", str(cfg / "metadata.json"), "--logging_file", str(cfg / "logging.conf"),
-                        "--bundle_root", str(BUNDLE), "--output_dir", str(tmp_path / "ddp"),
-                        "--patch_datalist", str(demo_out / "work" / "patches" / "datalist.json"),
-                        "--max_epochs", "1", "--trainer#epoch_length", "2", "--warmup_iterations", "1"],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    r = run_bundle_cli(BUNDLE, ["train.json", "demo.json", "multi_gpu_train.json"],
+                       "--meta_file", str(cfg / "metadata.json"), "--logging_file", str(cfg / "logging.conf"),
+                       "--output_dir", str(tmp_path / "ddp"),
+                       "--patch_datalist", str(demo_out / "work" / "patches" / "datalist.json"),
+                       "--max_epochs", "1", "--trainer#epoch_length", "2", "--warmup_iterations", "1",
+                       nproc=2, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     state = torch.load(tmp_path / "ddp" / "models" / "model.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 2 and "generator" in state

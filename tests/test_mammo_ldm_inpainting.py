@@ -4,9 +4,6 @@ plumbing, bad input, and the demo model (trained on top of the text-to-image dem
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +21,7 @@ from breastgen.errors import BreastGenError
 from breastgen.io.dicom import SYNTHETIC_MARK, write_mg_dicom
 from breastgen.networks.text import PromptTokenizer, TextConditionedUNet, TextEncoder
 from breastgen.schedulers import guided_sample, make_scheduler, repaint_sample
-from conftest import ROOT, free_port
+from conftest import ROOT, run_bundle_cli
 
 BUNDLE = ROOT / "bundles" / "mammo_ldm_inpainting"
 CONFIGS = BUNDLE / "configs"
@@ -388,12 +385,9 @@ def test_cli_bad_mask_is_one_line_and_writes_nothing(demo, t2i, demo_data, tmp_p
     w = pydicom.dcmread(img).Columns
     inputs = json.dumps([{"image": str(img), "mask": [w - 2, 0, w + 30, 20]}])
     out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-           str([str(CONFIGS / "train.json"), str(CONFIGS / "inference.json"), str(CONFIGS / "demo.json")]),
-           "--bundle_root", str(BUNDLE), "--data_dir", str(demo_data), "--output_dir", str(out),
-           "--text2image_dir", str(t2i), "--inpainting_ckpt", str(demo / "models" / "inpainting.pt"),
-           "--inputs", inputs]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run_bundle_cli(BUNDLE, ["train.json", "inference.json", "demo.json"], "--data_dir", str(demo_data),
+                       "--output_dir", str(out), "--text2image_dir", str(t2i),
+                       "--inpainting_ckpt", str(demo / "models" / "inpainting.pt"), "--inputs", inputs)
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "outside the image" in last and "Traceback" not in r.stderr
@@ -401,12 +395,9 @@ def test_cli_bad_mask_is_one_line_and_writes_nothing(demo, t2i, demo_data, tmp_p
 
 
 def test_multi_gpu_overlay_trains_with_torchrun_on_cpu(demo, t2i, demo_data, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
-           "monai.bundle", "run", "--config_file",
-           str([str(CONFIGS / "train.json"), str(CONFIGS / "demo.json"), str(CONFIGS / "multi_gpu_train.json")]),
-           "--bundle_root", str(BUNDLE), "--data_dir", str(demo_data), "--output_dir", str(tmp_path),
-           "--text2image_dir", str(t2i), "--epochs", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    r = run_bundle_cli(BUNDLE, ["train.json", "demo.json", "multi_gpu_train.json"], "--data_dir", str(demo_data),
+                       "--output_dir", str(tmp_path), "--text2image_dir", str(t2i), "--epochs", "1", nproc=2,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "models" / "inpainting.pt").is_file()
 

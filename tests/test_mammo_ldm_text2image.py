@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,7 @@ from monai.bundle import ConfigParser
 
 from breastgen.errors import BreastGenError, find_breastgen_error
 from breastgen.engines.diffusion import check_request
-from conftest import ROOT, free_port
+from conftest import ROOT, run_bundle_cli
 
 BUNDLE = ROOT / "bundles" / "mammo_ldm_text2image"
 CONFIGS = BUNDLE / "configs"
@@ -109,10 +106,7 @@ def test_bad_requests_are_refused_before_any_work(pipeline, kwargs, needle):
 
 
 def _run_cli(demo, demo_data, *extra):
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-           str([str(CONFIGS / f) for f in ("train.json", "inference.json", "demo.json")]),
-           "--bundle_root", str(BUNDLE), "--data_dir", str(demo_data), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_bundle_cli(BUNDLE, ["train.json", "inference.json", "demo.json"], "--data_dir", str(demo_data), *extra)
 
 
 def test_cli_bad_input_is_one_line_and_writes_nothing(demo, demo_data, tmp_path):
@@ -170,12 +164,10 @@ def test_multi_gpu_overlay_trains_with_torchrun_on_cpu(demo, demo_data, tmp_path
 
     (tmp_path / "models").mkdir()
     shutil.copy(demo / "models" / "autoencoder.pt", tmp_path / "models" / "autoencoder.pt")
-    files = [str(CONFIGS / f) for f in ("train.json", "train_diffusion.json", "demo.json", "demo_diffusion.json",
-                                        "multi_gpu_train_diffusion.json")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "monai.bundle", "run", "--config_file", str(files), "--bundle_root", str(BUNDLE),
-           "--data_dir", str(demo_data), "--output_dir", str(tmp_path), "--epochs", "1", "--val_interval", "1000"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    r = run_bundle_cli(BUNDLE, ["train.json", "train_diffusion.json", "demo.json", "demo_diffusion.json",
+                                "multi_gpu_train_diffusion.json"],
+                       "--data_dir", str(demo_data), "--output_dir", str(tmp_path), "--epochs", "1",
+                       "--val_interval", "1000", nproc=2, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     state = torch.load(tmp_path / "models" / "diffusion.pt", weights_only=True)
     assert set(state) == {"network", "scale"} and float(state["scale"]["value"]) > 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from breastgen.errors import BreastGenError
 from breastgen.io.dicom import write_mg_dicom
 from breastgen.networks.classifiers import (ShallowCNN, classification_metrics, evaluate_predictions, load_pretrained,
                                             resnet50_classifier)
-from conftest import ROOT, free_port
+from conftest import ROOT, run_bundle_cli
 
 BUNDLE = ROOT / "bundles" / "mammo_patch_classifier"
 
@@ -353,14 +352,10 @@ def test_augmentation_experiment_one_command_writes_four_row_table(demo_data, tm
 def test_multi_gpu_overlay_runs_with_torchrun_gloo(bundle_demo, tmp_path):
     demo_out = bundle_demo(BUNDLE)
     cfg = BUNDLE / "configs"
-    files = [str(cfg / "train.json"), str(cfg / "demo.json"), str(cfg / "multi_gpu_train.json")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                        "-m", "monai.bundle", "run", "--config_file", json.dumps(files),
-                        "--meta_file", str(cfg / "metadata.json"), "--logging_file", str(cfg / "logging.conf"),
-                        "--bundle_root", str(BUNDLE), "--output_dir", str(tmp_path / "ddp"),
-                        "--patch_datalist", str(demo_out / "work" / "patches" / "datalist.json"),
-                        "--max_epochs", "1", "--trainer#epoch_length", "2", "--input_size", "32"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = run_bundle_cli(BUNDLE, ["train.json", "demo.json", "multi_gpu_train.json"],
+                       "--meta_file", str(cfg / "metadata.json"), "--logging_file", str(cfg / "logging.conf"),
+                       "--output_dir", str(tmp_path / "ddp"),
+                       "--patch_datalist", str(demo_out / "work" / "patches" / "datalist.json"),
+                       "--max_epochs", "1", "--trainer#epoch_length", "2", "--input_size", "32", nproc=2, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "ddp" / "models" / "model.pt").is_file()
