@@ -695,7 +695,8 @@ def evaluate_inpainting(pipelines: Mapping[str, InpaintingPipeline], entries: Se
 
     # lesion-vs-normal classifier on real training windows (small CNN; flips for augmentation)
     torch.manual_seed(seed)
-    x_tr = torch.cat([to_crop(real_train), to_crop(normal_train)])
+    train_lesion_crops = to_crop(real_train)  # classifier training and the FID reference set
+    x_tr = torch.cat([train_lesion_crops, to_crop(normal_train)])
     y_tr = torch.tensor([1] * len(real_train) + [0] * len(normal_train))
     clf = Classifier(in_shape=(1, crop_size, crop_size), classes=2, channels=(16, 32, 64), strides=(2, 2, 2))
     opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
@@ -729,7 +730,7 @@ def evaluate_inpainting(pipelines: Mapping[str, InpaintingPipeline], entries: Se
         from ..metrics.fid import InceptionFeatures, frechet_distance, kernel_inception_distance
 
         inception = InceptionFeatures()
-        feats = inception(torch.cat([real_crops, to_crop(real_train)]))  # every real lesion: the reference set
+        feats = inception(torch.cat([real_crops, train_lesion_crops]))  # every real lesion: the reference set
     results = {}
     for name, pipe in pipelines.items():
         outs = []
