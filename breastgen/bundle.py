@@ -16,11 +16,24 @@ Conventions every bundle follows (the tests and ``make demo`` rely on them):
   Each stage runs the listed configs with ``demo.json`` overlaid last (or where the stage lists it, so that a
   stage-specific demo overlay can come after it). The demo writes
   ``<output_dir>/metrics.json`` and sample PNGs.
+* ``demo.json``'s ``network_checks`` names each network the bundle ships and how it is called, in terms of the
+  metadata's ``network_data_format`` (what MONAI's ``verify_net_in_out`` / ``ckpt_export`` do for a one-input
+  network, :func:`verify_network` / :func:`export_network` do for several inputs)::
+
+      {"name": "unet", "configs": ["train.json"], "net_id": "network_def",
+       "inputs": {"x": "latent", "timesteps": "timesteps", "context": "context"}, "output": "pred",
+       "method": null, "checkpoint": "models/diffusion.pt", "key_in_ckpt": "network",
+       "demo_meta": {"latent": {"num_channels": 3}, "pred": {"num_channels": 3}}}
+
+  An input may list several metadata entries (concatenated on the channel axis); ``method`` calls e.g.
+  ``net.embed`` instead of ``net``; ``checkpoint`` (under ``output_dir``) and ``key_in_ckpt`` say where training
+  leaves the weights; ``demo_meta`` patches the metadata entries for the tiny demo network.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import time
@@ -32,7 +45,7 @@ from .errors import BreastGenError, main_guard
 from .io import atomic_write_json
 
 __all__ = ["SCHEMA_PATH", "REQUIRED_FILES", "validate_metadata", "check_bundle", "demo_stages", "demo_requires", "run_configs",
-           "run_demo"]
+           "run_demo", "network_checks", "example_inputs", "build_network", "verify_network", "export_network"]
 
 SCHEMA_PATH = Path(__file__).parent / "resources" / "meta_schema_20240725.json"
 REQUIRED_FILES = ("configs/metadata.json", "configs/inference.json", "configs/evaluate.json", "configs/logging.conf",
@@ -94,6 +107,29 @@ def check_bundle(bundle_dir: str | Path) -> list[str]:
             missing = [k for k in ("bundle_root", "output_dir") if k not in parser.config]
             if missing:
                 problems.append(f"demo stage {stage.get('name')!r} lacks {', '.join(missing)}")
+        problems += _network_check_problems(root)
+    return problems
+
+
+def _network_check_problems(root: Path) -> list[str]:
+    checks = network_checks(root)
+    if not checks:
+        return ["demo.json has no 'network_checks' list"]
+    fmt = json.loads((root / "configs" / "metadata.json").read_text(encoding="utf-8"))["network_data_format"]
+    problems = []
+    for check in checks:
+        name = check.get("name", "?")
+        problems += [f"network check {name!r}: no configs/{f}" for f in check.get("configs", [])
+                     if not (root / "configs" / f).is_file()]
+        if not check.get("configs") or not check.get("inputs") or not check.get("output"):
+            problems.append(f"network check {name!r} needs 'configs', 'inputs' and 'output'")
+            continue
+        used = [n for v in check["inputs"].values() for n in ([v] if isinstance(v, str) else v)]
+        problems += [f"network check {name!r}: {n!r} is not a metadata input" for n in used if n not in fmt["inputs"]]
+        if check["output"] not in fmt["outputs"]:
+            problems.append(f"network check {name!r}: {check['output']!r} is not a metadata output")
+        problems += [f"network check {name!r}: demo_meta names unknown entry {n!r}" for n in check.get("demo_meta", {})
+                     if n not in fmt["inputs"] and n not in fmt["outputs"]]
     return problems
 
 
@@ -159,6 +195,125 @@ def run_demo(bundle_dir: str | Path, data_dir: str | Path, output_dir: str | Pat
     return done
 
 
+def network_checks(bundle_dir: str | Path) -> list[dict]:
+    """``demo.json``'s ``network_checks`` (see the module docstring)."""
+    demo = Path(bundle_dir) / "configs" / "demo.json"
+    return list(json.loads(demo.read_text(encoding="utf-8")).get("network_checks") or [])
+
+
+def _find_check(bundle_dir: str | Path, check: dict | str) -> dict:
+    if isinstance(check, dict):
+        return check
+    checks = {c["name"]: c for c in network_checks(bundle_dir)}
+    if check not in checks:
+        raise BreastGenError(f"no network {check!r}; this bundle has: {', '.join(checks) or 'none'}", bundle_dir)
+    return checks[check]
+
+
+def _data_format(root: Path, check: dict, demo: bool) -> dict:
+    """The metadata's ``network_data_format``, patched by the check's ``demo_meta`` for the demo network."""
+    meta = json.loads((root / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    fmt = copy.deepcopy(meta["network_data_format"])
+    for name, patch in (check.get("demo_meta") or {}).items() if demo else ():
+        (fmt["inputs"].get(name) or fmt["outputs"][name]).update(patch)
+    return fmt
+
+
+def _tensor_shape(entry: dict, batch: int) -> tuple[int, ...]:
+    """Images are (B, C, *spatial); other tensors (B, [C if > 1], [*spatial unless [1]]): timesteps and labels
+    (B,), token ids (B, L), class scores (B, C), an embedding (B, D)."""
+    c, spatial = int(entry["num_channels"]), [int(s) for s in entry["spatial_shape"]]
+    if entry.get("type") == "image":
+        return (batch, c, *spatial)
+    return (batch, *([c] if c > 1 else []), *([] if spatial == [1] else spatial))
+
+
+def example_inputs(data_format: dict, check: dict, batch: int = 1, seed: int = 0) -> dict:
+    """Random keyword inputs for a network check: uniform in each entry's ``value_range`` (floats in [0, 1) and
+    integers 0 when it has none), metadata entries listed together concatenated on the channel axis."""
+    import torch
+    from monai.utils import get_equivalent_dtype
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for arg, names in check["inputs"].items():
+        parts = []
+        for name in [names] if isinstance(names, str) else names:
+            entry = data_format["inputs"][name]
+            shape, dtype = _tensor_shape(entry, batch), get_equivalent_dtype(entry["dtype"], torch.Tensor)
+            lo, hi = (entry.get("value_range") or [None, None])[:2]
+            if dtype.is_floating_point:
+                t = torch.rand(shape, generator=gen, dtype=dtype)
+                parts.append(t if lo is None else lo + (hi - lo) * t)
+            else:
+                parts.append(torch.randint(int(lo or 0), int(hi or 0) + 1, shape, generator=gen, dtype=dtype))
+        out[arg] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return out
+
+
+def build_network(bundle_dir: str | Path, check: dict | str, demo: bool = False):
+    """(network on the CPU in eval mode, its ConfigParser, the check, its data format): the network a check
+    names, full size from the check's configs, or the demo network with ``demo.json`` overlaid."""
+    from monai.bundle import ConfigParser
+
+    root = Path(bundle_dir).resolve()
+    check = _find_check(root, check)
+    files = [*check["configs"], "demo.json"] if demo else list(check["configs"])
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / f) for f in files])
+    parser.read_meta(str(root / "configs" / "metadata.json"))
+    parser["bundle_root"] = str(root)
+    net = parser.get_parsed_content(check.get("net_id", "network_def")).to("cpu").eval()
+    return net, parser, check, _data_format(root, check, demo)
+
+
+def _call(net, check: dict, inputs: dict):
+    import torch
+
+    with torch.no_grad():
+        return (getattr(net, check["method"]) if check.get("method") else net)(**inputs)
+
+
+def verify_network(bundle_dir: str | Path, check: dict | str, demo: bool = False, batch: int = 1) -> dict:
+    """Like MONAI's ``verify_net_in_out`` for networks with several inputs: build the network, call it on random
+    inputs shaped by the metadata, and require the output shape and dtype the metadata declares (and finite
+    values). Returns the input and output shapes; raises :class:`BreastGenError` naming the mismatch."""
+    from monai.utils import get_equivalent_dtype
+    import torch
+
+    net, _, check, fmt = build_network(bundle_dir, check, demo)
+    inputs = example_inputs(fmt, check, batch)
+    out = _call(net, check, inputs)
+    where = f"{Path(bundle_dir).name} network {check['name']!r}"
+    if not isinstance(out, torch.Tensor):
+        raise BreastGenError(f"{where} returns {type(out).__name__}, not a tensor")
+    entry = fmt["outputs"][check["output"]]
+    want, dtype = _tensor_shape(entry, batch), get_equivalent_dtype(entry["dtype"], torch.Tensor)
+    if tuple(out.shape) != want or out.dtype != dtype:
+        raise BreastGenError(f"{where} returns {tuple(out.shape)} {out.dtype}; the metadata output "
+                             f"{check['output']!r} says {want} {dtype}")
+    if not torch.isfinite(out).all():
+        raise BreastGenError(f"{where} returns non-finite values")
+    return {"inputs": {k: tuple(v.shape) for k, v in inputs.items()}, "output": tuple(out.shape)}
+
+
+def export_network(bundle_dir: str | Path, check: dict | str, ckpt_file: str | Path, filepath: str | Path,
+                   demo: bool = False) -> Path:
+    """Like MONAI's ``ckpt_export`` for networks with several inputs: load ``ckpt_file`` (``weights_only``) into
+    the network, trace it on metadata-shaped inputs (positional, in the check's ``inputs`` order), check the
+    traced module against the eager one and write a TorchScript file holding the metadata and the configs."""
+    from .engines.checkpoints import load_checkpoint
+    from .networks.export import export_torchscript
+
+    net, parser, check, fmt = build_network(bundle_dir, check, demo)
+    load_checkpoint(ckpt_file, {check.get("key_in_ckpt", "model"): net})
+    meta = {**parser.get("_meta_"), "network_data_format": fmt}
+    config = {k: v for k, v in parser.get().items() if k != "_meta_"}
+    return export_torchscript(net, example_inputs(fmt, check), filepath, method=check.get("method"), meta=meta,
+                              extra_files={"config.json": json.dumps(config, default=str),
+                                           "network_check.json": json.dumps(check)})
+
+
 @main_guard
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m breastgen.bundle", description=__doc__.split("\n")[0])
@@ -169,6 +324,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     d.add_argument("bundle")
     d.add_argument("--data", default="demo_data")
     d.add_argument("--out", default=None)
+    v = sub.add_parser("verify", help="check every network's inputs and outputs against the metadata")
+    v.add_argument("bundle")
+    v.add_argument("--demo", action="store_true", help="the tiny demo networks (configs + demo.json)")
+    e = sub.add_parser("export", help="export a trained network to TorchScript (metadata and configs inside)")
+    e.add_argument("bundle")
+    e.add_argument("--network", required=True, help="a name from demo.json's network_checks")
+    e.add_argument("--ckpt", required=True, help="checkpoint file (state dict, or a dict holding it)")
+    e.add_argument("--out", required=True, help="TorchScript file to write")
+    e.add_argument("--demo", action="store_true", help="the checkpoint is a demo network's")
     args = ap.parse_args(argv)
     if args.cmd == "check":
         bad = {b: check_bundle(b) for b in args.bundles}
@@ -176,6 +340,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if bad:
             raise BreastGenError("; ".join(f"{b}: {', '.join(p)}" for b, p in bad.items()))
         print(f"ok: {len(args.bundles)} bundle(s) valid")
+    elif args.cmd == "verify":
+        for check in network_checks(args.bundle):
+            shapes = verify_network(args.bundle, check, demo=args.demo)
+            ins = ", ".join(f"{k} {tuple(s)}" for k, s in shapes["inputs"].items())
+            print(f"{check['name']}: {ins} -> {tuple(shapes['output'])} as in the metadata")
+    elif args.cmd == "export":
+        if not Path(args.ckpt).is_file():
+            raise BreastGenError("no such checkpoint", args.ckpt)
+        print(export_network(args.bundle, args.network, args.ckpt, args.out, demo=args.demo))
     else:
         out = args.out or f"demo_out/{Path(args.bundle).name}"
         rows = run_demo(args.bundle, args.data, out)

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
+import subprocess
+import sys
 
 import pytest
+import torch
 
-from breastgen.bundle import check_bundle, demo_stages, validate_metadata
+from breastgen.bundle import (build_network, check_bundle, demo_stages, example_inputs, export_network,
+                              network_checks, validate_metadata, verify_network)
+from breastgen.engines.checkpoints import load_checkpoint
 from breastgen.errors import BreastGenError
 from conftest import BUNDLES, ROOT
 
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny_bundle"
 ALL = [*BUNDLES, FIXTURE]
+CHECKS = [pytest.param(b, c, id=f"{b.name}-{c['name']}") for b in ALL for c in network_checks(b)]
+# the networks MONAI's own verify_net_in_out / ckpt_export handle: one "image" input, a "pred" output
+ONE_INPUT = [p for p in CHECKS if list(p.values[1]["inputs"].values()) == ["image"] and p.values[1]["output"] == "pred"]
 
 
 @pytest.mark.parametrize("bundle", ALL, ids=lambda p: p.name)
@@ -37,6 +44,86 @@ def test_fixture_bundle_learns_the_view(bundle_demo):
     # the phantoms' CC and MLO shapes differ (pectoral muscle): a working pipeline separates them
     metrics = json.loads((bundle_demo(FIXTURE) / "metrics.json").read_text())
     assert metrics["view_accuracy"] >= 0.75, metrics
+
+
+@pytest.mark.parametrize("bundle,check", CHECKS)
+def test_full_size_network_takes_and_returns_what_the_metadata_says(bundle, check):
+    """The default (full-size) network of every check, randomly initialised, on metadata-shaped inputs."""
+    shapes = verify_network(bundle, check)  # raises on a shape / dtype mismatch or non-finite output
+    out = json.loads((bundle / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]
+    entry = out[check["output"]]
+    assert torch.Size(shapes["output"]).numel() == entry["num_channels"] * torch.Size(entry["spatial_shape"]).numel()
+
+
+def _eager(bundle, check, ckpt):
+    net, _, check, fmt = build_network(bundle, check, demo=True)
+    load_checkpoint(ckpt, {check.get("key_in_ckpt", "model"): net})
+    return (getattr(net, check["method"]) if check.get("method") else net), fmt
+
+
+@pytest.mark.parametrize("bundle,check", CHECKS)
+def test_trained_demo_network_exports_to_torchscript(bundle, check, bundle_demo, tmp_path):
+    from monai.data import load_net_with_metadata
+
+    ckpt = bundle_demo(bundle) / check["checkpoint"]
+    path = export_network(bundle, check, ckpt, tmp_path / "net.ts", demo=True)
+    traced, meta, extra = load_net_with_metadata(str(path), more_extra_files=("inputs.json", "network_check.json"))
+    assert meta["version"] == json.loads((bundle / "configs" / "metadata.json").read_text())["version"]
+    assert json.loads(extra["inputs.json"]) == list(check["inputs"]) and "pytorch_version" in meta
+    eager, fmt = _eager(bundle, check, ckpt)
+    x = example_inputs(fmt, check, batch=3, seed=7)  # other values and batch size than the traced example
+    with torch.no_grad():
+        got, want = traced(*x.values()), eager(**x)
+        fresh, _, _, _ = build_network(bundle, check, demo=True)  # untrained: the export must differ from it
+        untrained = (getattr(fresh, check["method"]) if check.get("method") else fresh)(**x)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+    assert not torch.allclose(untrained, got, atol=1e-3)
+
+
+@pytest.mark.parametrize("bundle,check", ONE_INPUT)
+def test_monai_verify_net_in_out_and_ckpt_export_on_one_input_networks(bundle, check, bundle_demo, tmp_path):
+    ckpt = bundle_demo(bundle) / check["checkpoint"]
+    configs = str([str(bundle / "configs" / f) for f in [*check["configs"], "demo.json"]])
+    common = ["--meta_file", str(bundle / "configs" / "metadata.json"), "--config_file", configs,
+              "--bundle_root", str(bundle)]
+    cmds = [["verify_net_in_out", check["net_id"], *common],
+            ["ckpt_export", check["net_id"], *common, "--filepath", str(tmp_path / "model.ts"), "--ckpt_file",
+             str(ckpt), "--key_in_ckpt", check.get("key_in_ckpt", ""), "--use_trace", "True"]]
+    for cmd in cmds:
+        proc = subprocess.run([sys.executable, "-m", "monai.bundle", *cmd], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    eager, fmt = _eager(bundle, check, ckpt)
+    x = example_inputs(fmt, check, batch=2, seed=3)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(tmp_path / "model.ts"))(*x.values()), eager(**x), atol=1e-5)
+
+
+def test_network_checks_catch_wrong_metadata_and_bad_checkpoints(tmp_path, bundle_demo):
+    broken = tmp_path / "broken"
+    shutil.copytree(FIXTURE, broken)
+    meta_file = broken / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    meta["network_data_format"]["outputs"]["pred"]["num_channels"] = 3  # the classifier has 2 classes
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(BreastGenError, match=r"returns \(1, 2\) torch.float32; the metadata output 'pred' says "
+                                             r"\(1, 3\)"):
+        verify_network(broken, "classifier")
+    demo = json.loads((broken / "configs" / "demo.json").read_text())
+    demo["network_checks"][0]["inputs"] = {"x": "picture"}
+    (broken / "configs" / "demo.json").write_text(json.dumps(demo))
+    assert "network check 'classifier': 'picture' is not a metadata input" in check_bundle(broken)
+    # the CLI: a checkpoint of another network is refused in one line, and nothing is written
+    other = bundle_demo(ROOT / "bundles" / "mammo_patch_classifier") / "models" / "model.pt"
+    for ckpt, reason in ((tmp_path / "missing.pt", "no such checkpoint"),
+                         (other, "does not fit the configured network")):
+        proc = subprocess.run([sys.executable, "-m", "breastgen.bundle", "export", str(FIXTURE), "--network",
+                               "classifier", "--ckpt", str(ckpt), "--out", str(tmp_path / "x.ts"), "--demo"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and reason in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not list(tmp_path.glob("*x.ts*"))
+    proc = subprocess.run([sys.executable, "-m", "breastgen.bundle", "verify", str(FIXTURE)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "classifier: x (1, 1, 64, 64) -> (1, 2) as in the metadata" in proc.stdout
 
 
 def test_harness_reports_broken_bundles(tmp_path):

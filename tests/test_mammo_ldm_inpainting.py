@@ -445,6 +445,7 @@ def test_torchscript_export_of_the_inpainting_unet(tmp_path):
     _, net, tok = _nets(in_extra=True)
     x, t = torch.randn(2, 7, 8, 8), torch.tensor([10, 500])  # noisy latent + mask + masked latent
     ctx = net.encode(tok(["a mammogram with a malignant mass", ""]))
-    loaded = torch.jit.load(str(export_torchscript(net, (x, t, ctx), tmp_path / "inpaint_unet.ts")))
+    loaded = torch.jit.load(str(export_torchscript(net, {"x": x, "timesteps": t, "context": ctx},
+                                                 tmp_path / "inpaint_unet.ts")))
     with torch.no_grad():
         assert torch.allclose(loaded(x, t, ctx), net(x, timesteps=t, context=ctx), atol=1e-4)

@@ -152,7 +152,7 @@ def test_torchscript_export_of_the_text_conditioned_unet(pipeline, tmp_path):
     x = torch.randn(2, *pipeline.latent_shape)
     t = torch.tensor([10, 500])
     ctx = pipeline.encode_prompts(["a mammogram in CC view", ""])
-    path = export_torchscript(net, (x, t, ctx), tmp_path / "unet.ts")
+    path = export_torchscript(net, {"x": x, "timesteps": t, "context": ctx}, tmp_path / "unet.ts")
     loaded = torch.jit.load(str(path))
     with torch.no_grad():
         assert torch.allclose(loaded(x, t, ctx), net(x, timesteps=t, context=ctx), atol=1e-4)
