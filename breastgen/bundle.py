@@ -251,16 +251,20 @@ def example_inputs(data_format: dict, check: dict, batch: int = 1, seed: int = 0
     return out
 
 
-def build_network(bundle_dir: str | Path, check: dict | str, demo: bool = False):
+def build_network(bundle_dir: str | Path, check: dict | str, demo: bool = False, overlays: Sequence[str] = ()):
     """(network on the CPU in eval mode, its ConfigParser, the check, its data format): the network a check
-    names, full size from the check's configs, or the demo network with ``demo.json`` overlaid."""
+    names, full size from the check's configs, or the demo network with ``demo.json`` overlaid. ``overlays``
+    (names in ``configs/`` or paths, e.g. a variant such as ``attention.json``) come after the check's configs."""
     from monai.bundle import ConfigParser
 
     root = Path(bundle_dir).resolve()
     check = _find_check(root, check)
-    files = [*check["configs"], "demo.json"] if demo else list(check["configs"])
+    files = [str(root / "configs" / f) for f in [*check["configs"], *overlays, *(["demo.json"] if demo else [])]]
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise BreastGenError("no such config file", missing[0])
     parser = ConfigParser()
-    parser.read_config([str(root / "configs" / f) for f in files])
+    parser.read_config(files)
     parser.read_meta(str(root / "configs" / "metadata.json"))
     parser["bundle_root"] = str(root)
     net = parser.get_parsed_content(check.get("net_id", "network_def")).to("cpu").eval()
@@ -274,14 +278,15 @@ def _call(net, check: dict, inputs: dict):
         return (getattr(net, check["method"]) if check.get("method") else net)(**inputs)
 
 
-def verify_network(bundle_dir: str | Path, check: dict | str, demo: bool = False, batch: int = 1) -> dict:
+def verify_network(bundle_dir: str | Path, check: dict | str, demo: bool = False, batch: int = 1,
+                   overlays: Sequence[str] = ()) -> dict:
     """Like MONAI's ``verify_net_in_out`` for networks with several inputs: build the network, call it on random
     inputs shaped by the metadata, and require the output shape and dtype the metadata declares (and finite
     values). Returns the input and output shapes; raises :class:`BreastGenError` naming the mismatch."""
     from monai.utils import get_equivalent_dtype
     import torch
 
-    net, _, check, fmt = build_network(bundle_dir, check, demo)
+    net, _, check, fmt = build_network(bundle_dir, check, demo, overlays)
     inputs = example_inputs(fmt, check, batch)
     out = _call(net, check, inputs)
     where = f"{Path(bundle_dir).name} network {check['name']!r}"
@@ -298,14 +303,14 @@ def verify_network(bundle_dir: str | Path, check: dict | str, demo: bool = False
 
 
 def export_network(bundle_dir: str | Path, check: dict | str, ckpt_file: str | Path, filepath: str | Path,
-                   demo: bool = False) -> Path:
+                   demo: bool = False, overlays: Sequence[str] = ()) -> Path:
     """Like MONAI's ``ckpt_export`` for networks with several inputs: load ``ckpt_file`` (``weights_only``) into
     the network, trace it on metadata-shaped inputs (positional, in the check's ``inputs`` order), check the
     traced module against the eager one and write a TorchScript file holding the metadata and the configs."""
     from .engines.checkpoints import load_checkpoint
     from .networks.export import export_torchscript
 
-    net, parser, check, fmt = build_network(bundle_dir, check, demo)
+    net, parser, check, fmt = build_network(bundle_dir, check, demo, overlays)
     load_checkpoint(ckpt_file, {check.get("key_in_ckpt", "model"): net})
     meta = {**parser.get("_meta_"), "network_data_format": fmt}
     config = {k: v for k, v in parser.get().items() if k != "_meta_"}
@@ -327,12 +332,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     v = sub.add_parser("verify", help="check every network's inputs and outputs against the metadata")
     v.add_argument("bundle")
     v.add_argument("--demo", action="store_true", help="the tiny demo networks (configs + demo.json)")
+    v.add_argument("--overlay", action="append", default=[], help="a variant config after the network's configs")
     e = sub.add_parser("export", help="export a trained network to TorchScript (metadata and configs inside)")
     e.add_argument("bundle")
     e.add_argument("--network", required=True, help="a name from demo.json's network_checks")
     e.add_argument("--ckpt", required=True, help="checkpoint file (state dict, or a dict holding it)")
     e.add_argument("--out", required=True, help="TorchScript file to write")
     e.add_argument("--demo", action="store_true", help="the checkpoint is a demo network's")
+    e.add_argument("--overlay", action="append", default=[],
+                   help="a variant config the network was trained with (e.g. attention.json); repeatable")
     args = ap.parse_args(argv)
     if args.cmd == "check":
         bad = {b: check_bundle(b) for b in args.bundles}
@@ -342,13 +350,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"ok: {len(args.bundles)} bundle(s) valid")
     elif args.cmd == "verify":
         for check in network_checks(args.bundle):
-            shapes = verify_network(args.bundle, check, demo=args.demo)
+            shapes = verify_network(args.bundle, check, demo=args.demo, overlays=args.overlay)
             ins = ", ".join(f"{k} {tuple(s)}" for k, s in shapes["inputs"].items())
             print(f"{check['name']}: {ins} -> {tuple(shapes['output'])} as in the metadata")
     elif args.cmd == "export":
         if not Path(args.ckpt).is_file():
             raise BreastGenError("no such checkpoint", args.ckpt)
-        print(export_network(args.bundle, args.network, args.ckpt, args.out, demo=args.demo))
+        print(export_network(args.bundle, args.network, args.ckpt, args.out, demo=args.demo, overlays=args.overlay))
     else:
         out = args.out or f"demo_out/{Path(args.bundle).name}"
         rows = run_demo(args.bundle, args.data, out)

@@ -55,6 +55,15 @@ def test_full_size_network_takes_and_returns_what_the_metadata_says(bundle, chec
     assert torch.Size(shapes["output"]).numel() == entry["num_channels"] * torch.Size(entry["spatial_shape"]).numel()
 
 
+@pytest.mark.parametrize("overlay", ["attention.json", "unet_baseline.json"])
+def test_generator_variants_take_and_return_what_the_metadata_says(overlay):
+    bundle = ROOT / "bundles" / "he2ihc_pyramidpix2pix"
+    assert verify_network(bundle, "generator", overlays=[overlay])["output"] == (1, 3, 512, 512)
+    net = build_network(bundle, "generator", overlays=[overlay])[0]
+    assert type(net).__name__ == ("UNetGenerator" if overlay == "unet_baseline.json" else "ResnetGenerator")
+    assert any("Attention" in type(m).__name__ for m in net.modules()) == (overlay == "attention.json")
+
+
 def _eager(bundle, check, ckpt):
     net, _, check, fmt = build_network(bundle, check, demo=True)
     load_checkpoint(ckpt, {check.get("key_in_ckpt", "model"): net})
@@ -114,10 +123,13 @@ def test_network_checks_catch_wrong_metadata_and_bad_checkpoints(tmp_path, bundl
     assert "network check 'classifier': 'picture' is not a metadata input" in check_bundle(broken)
     # the CLI: a checkpoint of another network is refused in one line, and nothing is written
     other = bundle_demo(ROOT / "bundles" / "mammo_patch_classifier") / "models" / "model.pt"
-    for ckpt, reason in ((tmp_path / "missing.pt", "no such checkpoint"),
-                         (other, "does not fit the configured network")):
+    ours = bundle_demo(FIXTURE) / "models" / "model.pt"
+    for ckpt, more, reason in ((tmp_path / "missing.pt", [], "no such checkpoint"),
+                               (other, [], "does not fit the configured network"),
+                               (ours, ["--overlay", "nosuch.json"], "nosuch.json: no such config file"),
+                               (ours, ["--network", "unet"], "no network 'unet'; this bundle has: classifier")):
         proc = subprocess.run([sys.executable, "-m", "breastgen.bundle", "export", str(FIXTURE), "--network",
-                               "classifier", "--ckpt", str(ckpt), "--out", str(tmp_path / "x.ts"), "--demo"],
+                               "classifier", "--ckpt", str(ckpt), "--out", str(tmp_path / "x.ts"), "--demo", *more],
                               capture_output=True, text=True)
         assert proc.returncode == 2 and reason in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and not list(tmp_path.glob("*x.ts*"))
