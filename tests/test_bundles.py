@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -91,23 +89,24 @@ def test_trained_demo_network_exports_to_torchscript(bundle, check, bundle_demo,
 
 @pytest.mark.parametrize("bundle,check", ONE_INPUT)
 def test_monai_verify_net_in_out_and_ckpt_export_on_one_input_networks(bundle, check, bundle_demo, tmp_path):
+    """MONAI's own tools (what ``python -m monai.bundle verify_net_in_out`` / ``ckpt_export`` run), in-process."""
+    from monai.bundle import ckpt_export, verify_net_in_out
+
     ckpt = bundle_demo(bundle) / check["checkpoint"]
-    configs = str([str(bundle / "configs" / f) for f in [*check["configs"], "demo.json"]])
-    common = ["--meta_file", str(bundle / "configs" / "metadata.json"), "--config_file", configs,
-              "--bundle_root", str(bundle)]
-    cmds = [["verify_net_in_out", check["net_id"], *common],
-            ["ckpt_export", check["net_id"], *common, "--filepath", str(tmp_path / "model.ts"), "--ckpt_file",
-             str(ckpt), "--key_in_ckpt", check.get("key_in_ckpt", ""), "--use_trace", "True"]]
-    for cmd in cmds:
-        proc = subprocess.run([sys.executable, "-m", "monai.bundle", *cmd], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+    common = {"meta_file": str(bundle / "configs" / "metadata.json"), "bundle_root": str(bundle),
+              "config_file": [str(bundle / "configs" / f) for f in [*check["configs"], "demo.json"]]}
+    verify_net_in_out(check["net_id"], device="cpu", **common)
+    ckpt_export(check["net_id"], filepath=str(tmp_path / "model.ts"), ckpt_file=str(ckpt),
+                key_in_ckpt=check.get("key_in_ckpt", ""), use_trace=True, **common)
     eager, fmt = _eager(bundle, check, ckpt)
     x = example_inputs(fmt, check, batch=2, seed=3)
     with torch.no_grad():
         assert torch.allclose(torch.jit.load(str(tmp_path / "model.ts"))(*x.values()), eager(**x), atol=1e-5)
 
 
-def test_network_checks_catch_wrong_metadata_and_bad_checkpoints(tmp_path, bundle_demo):
+def test_network_checks_catch_wrong_metadata_and_bad_checkpoints(tmp_path, bundle_demo, capsys):
+    from breastgen.bundle import main
+
     broken = tmp_path / "broken"
     shutil.copytree(FIXTURE, broken)
     meta_file = broken / "configs" / "metadata.json"
@@ -121,21 +120,24 @@ def test_network_checks_catch_wrong_metadata_and_bad_checkpoints(tmp_path, bundl
     demo["network_checks"][0]["inputs"] = {"x": "picture"}
     (broken / "configs" / "demo.json").write_text(json.dumps(demo))
     assert "network check 'classifier': 'picture' is not a metadata input" in check_bundle(broken)
-    # the CLI: a checkpoint of another network is refused in one line, and nothing is written
+    # the CLI (main): bad requests are refused in one line with exit code 2, and nothing is written
     other = bundle_demo(ROOT / "bundles" / "mammo_patch_classifier") / "models" / "model.pt"
     ours = bundle_demo(FIXTURE) / "models" / "model.pt"
     for ckpt, more, reason in ((tmp_path / "missing.pt", [], "no such checkpoint"),
                                (other, [], "does not fit the configured network"),
                                (ours, ["--overlay", "nosuch.json"], "nosuch.json: no such config file"),
                                (ours, ["--network", "unet"], "no network 'unet'; this bundle has: classifier")):
-        proc = subprocess.run([sys.executable, "-m", "breastgen.bundle", "export", str(FIXTURE), "--network",
-                               "classifier", "--ckpt", str(ckpt), "--out", str(tmp_path / "x.ts"), "--demo", *more],
-                              capture_output=True, text=True)
-        assert proc.returncode == 2 and reason in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1 and not list(tmp_path.glob("*x.ts*"))
-    proc = subprocess.run([sys.executable, "-m", "breastgen.bundle", "verify", str(FIXTURE)], capture_output=True,
-                          text=True)
-    assert proc.returncode == 0 and "classifier: x (1, 1, 64, 64) -> (1, 2) as in the metadata" in proc.stdout
+        with pytest.raises(SystemExit) as exit_:
+            main(["export", str(FIXTURE), "--network", "classifier", "--ckpt", str(ckpt), "--out",
+                  str(tmp_path / "x.ts"), "--demo", *more])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and reason in err and len(err.strip().splitlines()) == 1, err
+        assert not list(tmp_path.glob("*x.ts*"))
+    main(["export", str(FIXTURE), "--network", "classifier", "--ckpt", str(ours), "--out", str(tmp_path / "x.ts"),
+          "--demo"])
+    assert torch.jit.load(str(tmp_path / "x.ts"))(torch.rand(2, 1, 64, 64)).shape == (2, 2)
+    main(["verify", str(FIXTURE)])
+    assert "classifier: x (1, 1, 64, 64) -> (1, 2) as in the metadata" in capsys.readouterr().out
 
 
 def test_harness_reports_broken_bundles(tmp_path):
