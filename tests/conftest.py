@@ -12,6 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p for p in (ROOT / "bundles").glob("*") if (p / "configs").is_dir())
+FIXTURE = ROOT / "tests" / "fixtures" / "tiny_bundle"  # the harness's own minimal bundle
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
