@@ -13,6 +13,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p for p in (ROOT / "bundles").glob("*") if (p / "configs").is_dir())
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny_bundle"  # the harness's own minimal bundle
+
+
+def network_check_params() -> list:
+    """pytest params (bundle, check) for every demo.json ``network_checks`` entry of every bundle and the fixture."""
+    from breastgen.bundle import network_checks
+
+    return [pytest.param(b, c, id=f"{b.name}-{c['name']}") for b in [*BUNDLES, FIXTURE] for c in network_checks(b)]
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
