@@ -210,10 +210,9 @@ def _find_check(bundle_dir: str | Path, check: dict | str) -> dict:
     return checks[check]
 
 
-def _data_format(root: Path, check: dict, demo: bool) -> dict:
-    """The metadata's ``network_data_format``, patched by the check's ``demo_meta`` for the demo network."""
-    meta = json.loads((root / "configs" / "metadata.json").read_text(encoding="utf-8"))
-    fmt = copy.deepcopy(meta["network_data_format"])
+def _data_format(parser, check: dict, demo: bool) -> dict:
+    """The parsed metadata's ``network_data_format``, patched by the check's ``demo_meta`` for the demo network."""
+    fmt = copy.deepcopy(parser.get("_meta_#network_data_format"))
     for name, patch in (check.get("demo_meta") or {}).items() if demo else ():
         (fmt["inputs"].get(name) or fmt["outputs"][name]).update(patch)
     return fmt
@@ -268,7 +267,7 @@ def build_network(bundle_dir: str | Path, check: dict | str, demo: bool = False,
     parser.read_meta(str(root / "configs" / "metadata.json"))
     parser["bundle_root"] = str(root)
     net = parser.get_parsed_content(check.get("net_id", "network_def")).to("cpu").eval()
-    return net, parser, check, _data_format(root, check, demo)
+    return net, parser, check, _data_format(parser, check, demo)
 
 
 def _call(net, check: dict, inputs: dict):
