@@ -45,7 +45,8 @@ from .errors import BreastGenError, main_guard
 from .io import atomic_write_json
 
 __all__ = ["SCHEMA_PATH", "REQUIRED_FILES", "validate_metadata", "check_bundle", "demo_stages", "demo_requires", "run_configs",
-           "run_demo", "network_checks", "example_inputs", "build_network", "verify_network", "export_network"]
+           "run_demo", "network_checks", "example_inputs", "build_network", "network_callable",
+           "verify_network", "export_network"]
 
 SCHEMA_PATH = Path(__file__).parent / "resources" / "meta_schema_20240725.json"
 REQUIRED_FILES = ("configs/metadata.json", "configs/inference.json", "configs/evaluate.json", "configs/logging.conf",
@@ -270,11 +271,9 @@ def build_network(bundle_dir: str | Path, check: dict | str, demo: bool = False,
     return net, parser, check, _data_format(parser, check, demo)
 
 
-def _call(net, check: dict, inputs: dict):
-    import torch
-
-    with torch.no_grad():
-        return (getattr(net, check["method"]) if check.get("method") else net)(**inputs)
+def network_callable(net, check: dict):
+    """What a check calls: the network itself, or its ``method`` (e.g. ``net.embed``)."""
+    return getattr(net, check["method"]) if check.get("method") else net
 
 
 def verify_network(bundle_dir: str | Path, check: dict | str, demo: bool = False, batch: int = 1,
@@ -287,7 +286,8 @@ def verify_network(bundle_dir: str | Path, check: dict | str, demo: bool = False
 
     net, _, check, fmt = build_network(bundle_dir, check, demo, overlays)
     inputs = example_inputs(fmt, check, batch)
-    out = _call(net, check, inputs)
+    with torch.no_grad():
+        out = network_callable(net, check)(**inputs)
     where = f"{Path(bundle_dir).name} network {check['name']!r}"
     if not isinstance(out, torch.Tensor):
         raise BreastGenError(f"{where} returns {type(out).__name__}, not a tensor")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from breastgen.bundle import (build_network, check_bundle, demo_stages, example_inputs, export_network,
-                              validate_metadata, verify_network)
+                              network_callable, validate_metadata, verify_network)
 from breastgen.engines.checkpoints import load_checkpoint
 from breastgen.errors import BreastGenError
 from conftest import BUNDLES, FIXTURE, ROOT, network_check_params
@@ -47,7 +47,7 @@ def test_fixture_bundle_learns_the_view(bundle_demo):
 def _eager(bundle, check, ckpt):
     net, _, check, fmt = build_network(bundle, check, demo=True)
     load_checkpoint(ckpt, {check.get("key_in_ckpt", "model"): net})
-    return (getattr(net, check["method"]) if check.get("method") else net), fmt
+    return network_callable(net, check), fmt
 
 
 @pytest.mark.parametrize("bundle,check", CHECKS)
@@ -64,7 +64,7 @@ def test_trained_demo_network_exports_to_torchscript(bundle, check, bundle_demo,
     with torch.no_grad():
         got, want = traced(*x.values()), eager(**x)
         fresh, _, _, _ = build_network(bundle, check, demo=True)  # untrained: the export must differ from it
-        untrained = (getattr(fresh, check["method"]) if check.get("method") else fresh)(**x)
+        untrained = network_callable(fresh, check)(**x)
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
     assert not torch.allclose(untrained, got, atol=1e-3)
 
