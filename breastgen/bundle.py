@@ -134,19 +134,28 @@ def _network_check_problems(root: Path) -> list[str]:
     return problems
 
 
-def demo_stages(bundle_dir: str | Path) -> list[dict]:
+def _demo_json(bundle_dir: str | Path) -> dict:
+    """A bundle's ``configs/demo.json``; a missing or unreadable file is a one-line error."""
     demo = Path(bundle_dir) / "configs" / "demo.json"
-    stages = json.loads(demo.read_text(encoding="utf-8")).get("demo_stages")
+    try:
+        return json.loads(demo.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BreastGenError("no such file: is this a bundle folder?", demo) from None
+    except (OSError, ValueError) as e:
+        raise BreastGenError(f"cannot read ({e})", demo) from None
+
+
+def demo_stages(bundle_dir: str | Path) -> list[dict]:
+    stages = _demo_json(bundle_dir).get("demo_stages")
     if not stages:
-        raise BreastGenError("demo.json has no 'demo_stages' list", demo)
+        raise BreastGenError("demo.json has no 'demo_stages' list", Path(bundle_dir) / "configs" / "demo.json")
     return stages
 
 
 def demo_requires(bundle_dir: str | Path) -> dict[str, str]:
     """``demo.json``'s ``demo_requires``: config key -> name of a bundle whose demo output that key points to
     (e.g. ``{"text2image_dir": "mammo_ldm_text2image"}``: the inpainting demo reuses the text-to-image models)."""
-    demo = Path(bundle_dir) / "configs" / "demo.json"
-    return dict(json.loads(demo.read_text(encoding="utf-8")).get("demo_requires") or {})
+    return dict(_demo_json(bundle_dir).get("demo_requires") or {})
 
 
 def run_configs(bundle_dir: str | Path, configs: Sequence[str], overrides: dict[str, Any] | None = None,
@@ -198,8 +207,7 @@ def run_demo(bundle_dir: str | Path, data_dir: str | Path, output_dir: str | Pat
 
 def network_checks(bundle_dir: str | Path) -> list[dict]:
     """``demo.json``'s ``network_checks`` (see the module docstring)."""
-    demo = Path(bundle_dir) / "configs" / "demo.json"
-    return list(json.loads(demo.read_text(encoding="utf-8")).get("network_checks") or [])
+    return list(_demo_json(bundle_dir).get("network_checks") or [])
 
 
 def _find_check(bundle_dir: str | Path, check: dict | str) -> dict:

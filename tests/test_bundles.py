@@ -120,6 +120,11 @@ def test_network_checks_catch_wrong_metadata_and_bad_checkpoints(tmp_path, bundl
     assert torch.jit.load(str(tmp_path / "x.ts"))(torch.rand(2, 1, 64, 64)).shape == (2, 2)
     main(["verify", str(FIXTURE)])
     assert "classifier: x (1, 1, 64, 64) -> (1, 2) as in the metadata" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["verify", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.strip() == f"error: {tmp_path}/nowhere/configs/demo.json: no such file: " \
+                                                    "is this a bundle folder?", err
 
 
 def test_harness_reports_broken_bundles(tmp_path):
